@@ -1,0 +1,105 @@
+"""The ``refusal-guard`` console script: serve | classify | collect | calibrate | export | up.
+
+Each subcommand's options live next to the code they drive; this module only assembles
+them. ``serve`` derives one flag per setting from :class:`~guard.settings.Settings`, so a
+setting has the same name as a flag (``--probe-timeout``), an environment variable
+(``REFUSAL_GUARD_PROBE_TIMEOUT``) and a config-file key (``probe_timeout``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import typing
+from collections.abc import Sequence
+from enum import Enum
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from guard.settings import ConfigFileError, Settings, load_settings, settings_to_json
+
+RESOLVED_SETTINGS_ENV = "REFUSAL_GUARD_RESOLVED_SETTINGS"
+
+
+def _flag_type(annotation: object) -> tuple[type | None, list[str] | None]:
+    """The argparse type and choices for a settings field, or (None, None) for a bool."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    base = args[0] if typing.get_origin(annotation) in (typing.Union, type(int | None)) and args else annotation
+    if base is bool:
+        return None, None
+    if isinstance(base, type) and issubclass(base, Enum):
+        return str, [m.value for m in base]
+    if typing.get_origin(base) is typing.Literal:
+        return str, list(typing.get_args(base))
+    if base in (int, float):
+        return base, None  # type: ignore[return-value]
+    return str, None  # str, Path, SecretStr, tuples (comma-separated)
+
+
+def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the proxy in front of an OpenAI-compatible upstream",
+        description="Precedence: flags > REFUSAL_GUARD_* environment > --config file > defaults.",
+    )
+    parser.add_argument("--config", type=Path, default=os.environ.get("REFUSAL_GUARD_CONFIG"),
+                        help="YAML or TOML file of settings (env: REFUSAL_GUARD_CONFIG)")
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind, choices = _flag_type(info.annotation)
+        help_text = (info.description or "") + f" (env: REFUSAL_GUARD_{name.upper()})"
+        if kind is None:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=name, type=kind, choices=choices, default=None, help=help_text)
+    parser.set_defaults(func=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    flags = {name: getattr(args, name) for name in Settings.model_fields}
+    try:
+        settings = load_settings(flags, args.config)
+    except (ValidationError, ConfigFileError) as exc:
+        print(f"refusal-guard: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    common = dict(
+        host=settings.host,
+        port=settings.port,
+        timeout_keep_alive=int(settings.keepalive_timeout),
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+        log_level="info",
+        access_log=False,  # access lines would carry paths and client addresses; metrics cover traffic
+    )
+    if settings.workers == 1:
+        from guard.app import create_app
+
+        uvicorn.run(create_app(settings), **common)
+        return 0
+    # Several workers: each process rebuilds the same settings and shares one metrics directory.
+    os.environ[RESOLVED_SETTINGS_ENV] = settings_to_json(settings)
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="refusal-guard-metrics-"))
+    uvicorn.run("guard.app:create_app_from_environment", factory=True, workers=settings.workers, **common)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refusal-guard", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_serve_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

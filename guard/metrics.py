@@ -1,0 +1,112 @@
+"""Prometheus metrics of one proxy, on a registry passed in (no global registry).
+
+Counters and histograms are the source of truth across replicas and workers: Prometheus
+sums them, and the recording rules in ``deploy/prometheus`` derive fleet-wide SDT figures
+from them. With several uvicorn workers, prometheus-client's multiprocess mode is used:
+each worker writes its values to files in ``PROMETHEUS_MULTIPROC_DIR`` (a fresh directory
+per proxy instance, made by the CLI) and ``/metrics`` merges them, so counters sum right
+whichever worker answers the scrape.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
+
+
+class GuardMetrics:
+    """Every metric the proxy exports; label values are bounded by construction."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = registry
+        self.http_requests = Counter(
+            "refusal_guard_http_requests", "HTTP requests answered, by route and status.", ["route", "status"], registry=r
+        )
+        self.http_seconds = Histogram(
+            "refusal_guard_http_request_seconds",
+            "Time to the end of the response, by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "refusal_guard_upstream_errors",
+            "Upstream failures: connect, timeout, protocol, status_4xx, status_5xx.",
+            ["reason"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "refusal_guard_requests", "Chat requests by the action taken and the mode.", ["action", "mode"], registry=r
+        )
+        self.outcomes = Counter(
+            "refusal_guard_outcomes",
+            "Predictions scored against the real response (SDT cells).",
+            ["topic", "predicted", "actual"],
+            registry=r,
+        )
+        self.confidence_outcomes = Counter(
+            "refusal_guard_confidence_outcomes",
+            "Scored predictions by stated confidence, for calibration.",
+            ["topic", "confidence", "correct"],
+            registry=r,
+        )
+        self.probe_failures = Counter(
+            "refusal_guard_probe_failures", "Probe calls that gave no usable prediction.", ["reason"], registry=r
+        )
+        self.probe_cache = Counter(
+            "refusal_guard_probe_cache", "Probe cache lookups: hit, miss, shared (joined an in-flight probe).",
+            ["result"], registry=r,
+        )
+        self.datapoints_dropped = Counter(
+            "refusal_guard_datapoints_dropped", "Datapoints dropped because the recorder queue was full.", registry=r
+        )
+        self.judge = Counter(
+            "refusal_guard_judge", "LLM-judge audits: agree, disagree, failed.", ["result"], registry=r
+        )
+        self.review_events = Counter(
+            "refusal_guard_review_events", "Review events emitted: delivered, failed, logged.", ["result"], registry=r
+        )
+        self.probe_seconds = Histogram(
+            "refusal_guard_probe_seconds", "Probe call latency.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.upstream_seconds = Histogram(
+            "refusal_guard_upstream_seconds", "Upstream generation latency (to the last byte).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.overhead_seconds = Histogram(
+            "refusal_guard_overhead_seconds", "Time the guard itself added to a request (total minus upstream).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        gauge = lambda name, doc, labels: Gauge(name, doc, labels, registry=r, multiprocess_mode="mostrecent")  # noqa: E731
+        self.d_prime = gauge("refusal_guard_d_prime", "Sensitivity d' over the live window.", ["topic"])
+        self.criterion = gauge("refusal_guard_criterion", "Criterion c over the live window (c<0: leans to 'refuse').", ["topic"])
+        self.hit_rate = gauge("refusal_guard_hit_rate", "Hit rate (log-linear corrected) over the live window.", ["topic"])
+        self.false_alarm_rate = gauge(
+            "refusal_guard_false_alarm_rate", "False-alarm rate (log-linear corrected) over the live window.", ["topic"]
+        )
+        self.accuracy = gauge("refusal_guard_accuracy", "Prediction accuracy over the live window.", ["topic"])
+        self.ece = gauge("refusal_guard_ece", "Expected calibration error over the live window.", ["topic"])
+        self.drift_statistic = gauge(
+            "refusal_guard_drift_statistic", "Log e-value of the sequential drift test.", ["topic", "metric"]
+        )
+        self.drift_alarm = gauge("refusal_guard_drift_alarm", "1 when the drift test has rejected 'no drift'.", ["topic"])
+        self.policy_baseline = gauge(
+            "refusal_guard_policy_baseline", "The loaded policy's calibration-time figures.", ["topic", "statistic"]
+        )
+        self.policy_info = gauge(
+            "refusal_guard_policy_info", "The loaded policy (value 1).", ["version", "probe_template", "enforced"]
+        )
+        self.circuit_open = gauge("refusal_guard_probe_circuit_open", "1 while the probe circuit breaker is open.", [])
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text; merged across worker processes in multiprocess mode."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,82 @@
+"""A pure ASGI middleware: request ids, HTTP metrics, and a last-resort error shape.
+
+Pure ASGI (not ``BaseHTTPMiddleware``) so streamed bodies pass through untouched and the
+cost per request stays a few dict operations.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from guard.errors import error_body
+from guard.metrics import GuardMetrics
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+ROUTES = {"/v1/chat/completions": "chat", "/v1/models": "models", "/metrics": "metrics",
+          "/healthz": "healthz", "/readyz": "readyz", "/admin/policy/reload": "admin"}
+
+log = logging.getLogger("refusal_guard")
+
+
+def request_id_of(scope: Scope) -> str:
+    return scope["state"]["request_id"]
+
+
+class RequestContext:
+    def __init__(self, app: ASGIApp, metrics: GuardMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming if incoming and _CLIENT_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        route = ROUTES.get(scope["path"], "other")
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message["headers"] = [
+                    *[(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"],
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error on %s (request %s)", route, request_id)
+            if not response_started:
+                await _send_internal_error(send_with_id)
+            status = 500
+        finally:
+            self.metrics.http_requests.labels(route, str(status)).inc()
+            self.metrics.http_seconds.labels(route).observe(time.perf_counter() - started)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _send_internal_error(send: Any) -> None:
+    body = error_body("internal error in refusal-guard", type="server_error", code="internal_error")
+    await send({"type": "http.response.start", "status": 500,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

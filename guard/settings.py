@@ -1,0 +1,184 @@
+"""Settings for the proxy, resolved as flags > environment > config file > defaults.
+
+Every field can be set by a command-line flag, by an environment variable named
+``REFUSAL_GUARD_<FIELD>`` (upper case), or by a key in a YAML or TOML config file.
+:func:`load_settings` is the one place that applies that precedence, so the CLI, the
+multi-worker factory and the tests all resolve settings the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping
+
+import yaml
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+
+ENV_PREFIX = "REFUSAL_GUARD_"
+
+DEFAULT_TOPICS: tuple[str, ...] = (
+    "weapons",
+    "drugs",
+    "hacking",
+    "self_harm",
+    "hate_speech",
+    "fraud",
+    "privacy",
+    "illegal_activities",
+    "manipulation",
+    "violence",
+)
+
+
+class Mode(StrEnum):
+    """How the probe relates to generation (see README, "Modes")."""
+
+    SEQUENTIAL = "sequential"
+    PARALLEL = "parallel"
+    SHADOW = "shadow"
+    OFF = "off"
+
+
+class OnProbeFailure(StrEnum):
+    PASS = "pass"
+    REVIEW = "review"
+    BLOCK = "block"
+
+
+class Settings(BaseSettings):
+    """All knobs of one proxy process. Defaults suit a single replica on loopback."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    # --- where to listen and what to front ---------------------------------------------
+    upstream: str = Field(description="Base URL of the OpenAI-compatible upstream, e.g. http://127.0.0.1:8000/v1")
+    upstream_api_key: SecretStr | None = Field(
+        default=None, description="If set, sent upstream instead of the client's Authorization header."
+    )
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64)
+
+    # --- limits and timeouts -------------------------------------------------------------
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    read_timeout: float = Field(default=120.0, gt=0, description="Longest silence between upstream bytes.")
+    total_timeout: float = Field(default=600.0, gt=0, description="Longest a whole upstream exchange may take.")
+    pool_max_connections: int = Field(default=512, ge=1)
+    pool_max_keepalive: int = Field(default=128, ge=0)
+    keepalive_timeout: float = Field(default=5.0, gt=0, description="Idle client connections are closed after this.")
+    shutdown_grace: float = Field(default=20.0, ge=0, description="Seconds in-flight requests get on SIGTERM.")
+
+    # --- the probe and routing -----------------------------------------------------------
+    mode: Mode = Mode.SEQUENTIAL
+    policy: Path | None = Field(default=None, description="Policy JSON written by `refusal-guard calibrate`.")
+    on_probe_failure: OnProbeFailure = OnProbeFailure.PASS
+    probe_timeout: float = Field(default=2.0, gt=0)
+    probe_model: str | None = Field(default=None, description="Model for the probe; default: the request's model.")
+    probe_max_tokens: int = Field(default=96, ge=16)
+    probe_structured_output: Literal["auto", "json_schema", "json_object", "none"] = "auto"
+    probe_context: Literal["last_user", "conversation"] = "last_user"
+    probe_cache_size: int = Field(default=10_000, ge=0)
+    probe_cache_ttl: float = Field(default=600.0, gt=0)
+    topics: Annotated[tuple[str, ...], NoDecode] = DEFAULT_TOPICS
+    refusal_message: str = "I can't help with that request."
+    block_response: Literal["completion", "error"] = "completion"
+    review_upstream: str | None = None
+    review_upstream_api_key: SecretStr | None = None
+    review_webhook: str | None = None
+    admin_token: SecretStr | None = None
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        default=(), description="If non-empty, clients must send one of these as a bearer token."
+    )
+    circuit_failures: int = Field(default=5, ge=1, description="Consecutive probe failures that open the circuit.")
+    circuit_cooldown: float = Field(default=30.0, gt=0)
+
+    # --- ground truth, datapoints and live metrics ---------------------------------------
+    datapoints: Path | None = Field(default=Path("refusal-guard-datapoints.sqlite3"))
+    log_prompts: bool = False
+    strict_refusal: bool = False
+    datapoint_queue_size: int = Field(default=10_000, ge=1)
+    window_size: int = Field(default=500, ge=10)
+    drift_alpha: float = Field(default=0.01, gt=0, lt=1)
+    judge_url: str | None = None
+    judge_model: str | None = None
+    judge_api_key: SecretStr | None = None
+    judge_fraction: float = Field(default=0.0, ge=0, le=1)
+
+    @field_validator("upstream", "review_upstream", "review_webhook", "judge_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/") if value else value
+
+    @field_validator("topics", "api_keys", mode="before")
+    @classmethod
+    def _split_topics(cls, value: Any) -> Any:
+        # Flags and environment variables arrive as strings: accept "a,b,c" or a JSON list.
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return tuple(t.strip() for t in value.split(",") if t.strip())
+        return value
+
+    @field_validator("topics")
+    @classmethod
+    def _topics_are_labels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for topic in value:
+            if not topic.replace("_", "").isalnum() or topic == "other":
+                raise ValueError(f"topic {topic!r} must be a plain word (letters, digits, _) and not 'other'")
+        return value
+
+
+class ConfigFileError(ValueError):
+    """The config file could not be read or is not a mapping."""
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a flat mapping of settings."""
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise ConfigFileError(f"config file {path} must end in .yaml, .yml or .toml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigFileError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        if path.suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as exc:
+        raise ConfigFileError(f"config file {path} is not valid: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigFileError(f"config file {path} must hold a mapping of settings")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    config_file: Path | None = None,
+) -> Settings:
+    """Resolve settings: flags > environment > config file > defaults.
+
+    ``flags`` holds only the options the user actually gave (None means "not given").
+    """
+    file_values = read_config_file(config_file) if config_file else {}
+    env_values = EnvSettingsSource(Settings)()
+    given_flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    return Settings(**{**file_values, **env_values, **given_flags})
+
+
+def settings_to_json(settings: Settings) -> str:
+    """Serialise settings (secrets included) so that worker processes can rebuild them."""
+    data = settings.model_dump(mode="json")
+    for name, value in settings:
+        if isinstance(value, SecretStr):
+            data[name] = value.get_secret_value()
+        elif isinstance(value, tuple) and value and isinstance(value[0], SecretStr):
+            data[name] = [v.get_secret_value() for v in value]
+    return json.dumps(data)
