@@ -7,8 +7,11 @@ the upstreams) is opened and closed in the lifespan and held on ``app.state.runt
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import hmac
 import logging
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -19,10 +22,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from guard.chat_request import parse_chat_request
+from guard.detector import RefusalDetector
 from guard.errors import ProxyError, error_body
-from guard.forward import Exchange, forward_chat
+from guard.judge import RefusalJudge
+from guard.live import LiveStats
 from guard.metrics import GuardMetrics
+from guard.policy import PolicyStore, ReloadResult
+from guard.probe import TEMPLATE_HASH
+from guard.prober import Prober
+from guard.recorder import DatapointRecorder
 from guard.request_context import RequestContext, request_id_of
+from guard.review import ReviewSink
+from guard.routing import Router
+from guard.scoring import Scorer
 from guard.settings import Settings
 from guard.upstream import Upstream, UpstreamFailure
 
@@ -36,6 +48,8 @@ class Runtime:
     settings: Settings
     metrics: GuardMetrics
     upstream: Upstream
+    router: Router
+    policies: PolicyStore
     draining: bool = field(default=False)
 
 
@@ -65,11 +79,19 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             client = http_client or await stack.enter_async_context(build_http_client(settings))
-            upstream = Upstream(
-                client, settings.upstream, api_key=settings.upstream_api_key, total_timeout=settings.total_timeout
-            )
-            app.state.runtime = Runtime(settings, metrics, upstream)
+            runtime = build_runtime(settings, metrics, client)
+            await runtime.router.scorer.recorder.start()
+            stack.push_async_callback(runtime.router.scorer.recorder.stop)
+            await runtime.router.reviews.start()
+            stack.push_async_callback(runtime.router.reviews.stop)
+            with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                # Only possible in the main thread (not when a test serves the app from a thread).
+                loop = asyncio.get_running_loop()
+                loop.add_signal_handler(signal.SIGHUP, reload_policy, runtime)
+                stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+            app.state.runtime = runtime
             yield
+            runtime.draining = True
 
     app = FastAPI(title="refusal-guard", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(RequestContext, metrics=metrics)
@@ -82,28 +104,31 @@ def create_app(
 
     @app.exception_handler(ProxyError)
     async def _proxy_error(request: Request, exc: ProxyError) -> Response:
-        if isinstance(exc, UpstreamFailure):
-            metrics.upstream_errors.labels(exc.reason).inc()
         return Response(exc.body(), status_code=exc.status, media_type="application/json")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         runtime: Runtime = request.app.state.runtime
-        raw = await read_body(request, runtime.settings.max_body_bytes)
-        chat = parse_chat_request(raw)
-        headers = runtime.upstream.forward_headers(
-            request.headers, {"x-request-id": request_id_of(request.scope)}
-        )
+        try:
+            check_api_key(request, runtime.settings)
+            chat = parse_chat_request(await read_body(request, runtime.settings.max_body_bytes))
+        except ProxyError:
+            runtime.metrics.requests.labels("invalid", runtime.router.effective_mode().value).inc()
+            raise
+        return await runtime.router.handle(chat, request.headers, request_id_of(request.scope))
 
-        def on_done(exchange: Exchange) -> None:
-            if exchange.error in ("status_4xx", "status_5xx"):
-                runtime.metrics.upstream_errors.labels(exchange.error).inc()
-
-        return await forward_chat(runtime.upstream, chat, headers, response_headers_extra={}, on_done=on_done)
+    @app.post("/admin/policy/reload")
+    async def admin_reload(request: Request) -> Response:
+        runtime: Runtime = request.app.state.runtime
+        check_admin_token(request, runtime.settings)
+        result = reload_policy(runtime)
+        return JSONResponse({"ok": result.ok, "message": result.message, "version": result.version},
+                            status_code=200 if result.ok else 422)
 
     @app.get("/v1/models")
     async def models(request: Request) -> Response:
         runtime: Runtime = request.app.state.runtime
+        check_api_key(request, runtime.settings)
         headers = runtime.upstream.forward_headers(request.headers, {"x-request-id": request_id_of(request.scope)})
         answer = await runtime.upstream.request("GET", "/models", headers=headers, timeout=runtime.settings.read_timeout)
         return Response(answer.body, status_code=answer.status, headers=answer.headers)
@@ -133,6 +158,67 @@ def create_app(
         return Response(body, media_type=content_type)
 
     return app
+
+
+def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.AsyncClient) -> Runtime:
+    """Wire the collaborators of one process from settings."""
+    upstream = Upstream(client, settings.upstream, api_key=settings.upstream_api_key, total_timeout=settings.total_timeout)
+    review_upstream = (
+        Upstream(client, settings.review_upstream, api_key=settings.review_upstream_api_key,
+                 total_timeout=settings.total_timeout)
+        if settings.review_upstream else None
+    )
+    prober = Prober(
+        upstream, metrics, topics=settings.topics, timeout=settings.probe_timeout, max_tokens=settings.probe_max_tokens,
+        structured_output=settings.probe_structured_output, context=settings.probe_context, model=settings.probe_model,
+        cache_size=settings.probe_cache_size, cache_ttl=settings.probe_cache_ttl,
+        circuit_failures=settings.circuit_failures, circuit_cooldown=settings.circuit_cooldown,
+    )
+    policies = PolicyStore(settings.policy, TEMPLATE_HASH, metrics)
+    live = LiveStats(metrics, window_size=settings.window_size, drift_alpha=settings.drift_alpha)
+    live.set_policy(policies.current.policy)
+    judge = None
+    if settings.judge_url and settings.judge_model and settings.judge_fraction > 0:
+        key = settings.judge_api_key.get_secret_value() if settings.judge_api_key else None
+        judge = RefusalJudge(client, settings.judge_url, settings.judge_model, key, sample_rate=settings.judge_fraction)
+    scorer = Scorer(
+        RefusalDetector(), live, DatapointRecorder(settings.datapoints, metrics, queue_size=settings.datapoint_queue_size),
+        metrics, topics=settings.topics, strict=settings.strict_refusal, judge=judge,
+    )
+    router = Router(settings, upstream, review_upstream, prober, policies,
+                    ReviewSink(client, settings.review_webhook, metrics), scorer)
+    return Runtime(settings, metrics, upstream, router, policies)
+
+
+def reload_policy(runtime: Runtime) -> ReloadResult:
+    """Hot-swap the policy (SIGHUP or the admin endpoint); the drift tests follow it."""
+    result = runtime.policies.reload()
+    if result.ok:
+        runtime.router.scorer.live.set_policy(runtime.policies.current.policy)
+    return result
+
+
+def _bearer(request: Request) -> str | None:
+    value = request.headers.get("authorization", "")
+    return value[7:].strip() if value[:7].lower() == "bearer " else None
+
+
+def check_api_key(request: Request, settings: Settings) -> None:
+    """If inbound API keys are configured, the client must present one (constant-time compare)."""
+    if not settings.api_keys:
+        return
+    token = (_bearer(request) or "").encode()
+    if not any(hmac.compare_digest(token, key.get_secret_value().encode()) for key in settings.api_keys):
+        raise ProxyError(401, "missing or invalid API key for refusal-guard", code="invalid_api_key")
+
+
+def check_admin_token(request: Request, settings: Settings) -> None:
+    """Admin endpoints are off without a token, and need it as a bearer token otherwise."""
+    if settings.admin_token is None:
+        raise ProxyError(404, "admin endpoints are disabled (no admin_token configured)", code="admin_disabled")
+    token = (_bearer(request) or "").encode()
+    if not hmac.compare_digest(token, settings.admin_token.get_secret_value().encode()):
+        raise ProxyError(401, "missing or invalid admin token", code="invalid_admin_token")
 
 
 async def read_body(request: Request, limit: int) -> bytes:

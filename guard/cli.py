@@ -88,10 +88,39 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="export the proxy's SQLite datapoint log as JSONL")
+    parser.add_argument("--db", type=Path, default=Path("refusal-guard-datapoints.sqlite3"),
+                        help="the datapoint database (the `datapoints` setting of serve)")
+    parser.add_argument("--out", type=Path, default=None, help="JSONL file to write (default: stdout)")
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from guard.recorder import export_jsonl
+
+    if not args.db.is_file():
+        print(f"refusal-guard export: no database at {args.db}", file=sys.stderr)
+        return 2
+    if args.out is None:
+        count = export_jsonl(args.db, sys.stdout)
+    else:
+        with args.out.open("w", encoding="utf-8") as out:
+            count = export_jsonl(args.db, out)
+    print(f"exported {count} datapoints", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from calibration.cli import add_calibrate_parser
+    from guard.classify import add_classify_parser
+
     parser = argparse.ArgumentParser(prog="refusal-guard", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(subparsers)
+    add_classify_parser(subparsers)
+    add_calibrate_parser(subparsers)
+    add_export_parser(subparsers)
     return parser
 
 

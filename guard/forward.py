@@ -1,23 +1,27 @@
-"""Forwarding one chat request upstream and relaying the answer, streamed or whole.
+"""Sending a chat request upstream and relaying the answer, streamed or whole.
 
-Both paths report what happened through ``on_done(Exchange)`` once the client has the
-last byte, so ground-truth labelling and datapoint recording never delay the response.
+``generate`` does the upstream half (it can run concurrently with the probe and be
+cancelled); ``respond`` turns its result into the client's response. Both paths report
+what happened through ``on_done(Exchange)`` once the client has the last byte, so
+ground-truth labelling and datapoint recording never delay the response.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
+import httpx
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from guard.chat_request import ChatRequest
-from guard.errors import ProxyError
+from guard.errors import upstream_protocol
 from guard.sse import ContentCollector, completion_text, sse_event
-from guard.upstream import Upstream, UpstreamFailure, response_headers
+from guard.upstream import Upstream, UpstreamFailure, UpstreamResponse, response_headers
 
 CHAT_PATH = "/chat/completions"
 
@@ -27,12 +31,26 @@ class Exchange:
     """The upstream side of one request, as the recorder needs it."""
 
     status: int
-    text: str | None  # the assistant's answer, None if there was none
+    text: str | None  # the assistant's answer; None if there was none or it was cut off
     seconds: float
-    error: str | None = None  # upstream failure reason: connect|timeout|protocol|status_4xx|status_5xx
+    error: str | None = None  # connect|timeout|protocol|status_4xx|status_5xx|truncated
 
 
 OnDone = Callable[[Exchange], None]
+
+
+@dataclass(slots=True)
+class Generation:
+    """An upstream answer: read whole, or a stream whose headers are in and body unread."""
+
+    upstream: Upstream
+    started: float
+    whole: UpstreamResponse | None = None
+    stream: httpx.Response | None = None
+
+    async def discard(self) -> None:
+        if self.stream is not None:
+            await self.stream.aclose()
 
 
 def _status_reason(status: int) -> str | None:
@@ -43,89 +61,67 @@ def _status_reason(status: int) -> str | None:
     return None
 
 
-async def forward_chat(
-    upstream: Upstream,
-    chat: ChatRequest,
-    headers: Mapping[str, str],
-    *,
-    response_headers_extra: Mapping[str, str],
-    on_done: OnDone,
-) -> Response:
-    """Send ``chat`` upstream unchanged and return the client's response."""
-    if chat.stream:
-        return await _forward_stream(upstream, chat, headers, response_headers_extra, on_done)
+async def generate(upstream: Upstream, chat: ChatRequest, headers: Mapping[str, str]) -> Generation:
+    """Send ``chat`` upstream byte for byte. Raises :class:`UpstreamFailure` on transport trouble."""
     started = time.perf_counter()
+    if not chat.stream:
+        return Generation(upstream, started, whole=await upstream.request("POST", CHAT_PATH, headers=headers, content=chat.raw))
+    response = await upstream.open_stream(CHAT_PATH, headers=headers, content=chat.raw)
+    if response.status_code < 300 and response.headers.get("content-type", "").startswith("text/event-stream"):
+        return Generation(upstream, started, stream=response)
+    # An error, or an upstream that ignored stream=true: read it whole and relay it as is.
     try:
-        answer = await upstream.request("POST", CHAT_PATH, headers=headers, content=chat.raw)
-    except UpstreamFailure as failure:
-        on_done(Exchange(failure.status, None, time.perf_counter() - started, failure.reason))
-        raise
-    exchange = Exchange(
-        answer.status,
-        completion_text(answer.body) if answer.status < 300 else None,
-        time.perf_counter() - started,
-        _status_reason(answer.status),
-    )
-    return Response(
-        answer.body,
-        status_code=answer.status,
-        headers={**answer.headers, **response_headers_extra},
-        background=BackgroundTask(on_done, exchange),
-    )
+        body = await response.aread()
+    except httpx.HTTPError as exc:
+        raise UpstreamFailure(upstream_protocol(type(exc).__name__), "protocol") from None
+    finally:
+        await response.aclose()
+    return Generation(upstream, started, whole=UpstreamResponse(response.status_code, response_headers(response.headers), body))
 
 
-async def _forward_stream(
-    upstream: Upstream,
-    chat: ChatRequest,
-    headers: Mapping[str, str],
-    extra: Mapping[str, str],
-    on_done: OnDone,
-) -> Response:
-    started = time.perf_counter()
-    try:
-        response = await upstream.open_stream(CHAT_PATH, headers=headers, content=chat.raw)
-    except UpstreamFailure as failure:
-        on_done(Exchange(failure.status, None, time.perf_counter() - started, failure.reason))
-        raise
-    relayed = response_headers(response.headers)
-    if response.status_code >= 300 or not response.headers.get("content-type", "").startswith("text/event-stream"):
-        # An error (or an upstream that ignored stream=true): relay it whole, with its status.
-        try:
-            body = await response.aread()
-        except Exception as exc:  # noqa: BLE001 - transport errors while reading the body
-            raise ProxyError(502, f"upstream connection failed: {type(exc).__name__}", type="upstream_error",
-                             code="upstream_protocol_error") from None
-        finally:
-            await response.aclose()
-        exchange = Exchange(response.status_code, completion_text(body) if response.status_code < 300 else None,
-                            time.perf_counter() - started, _status_reason(response.status_code))
-        return Response(body, status_code=response.status_code, headers={**relayed, **extra},
+def failed_exchange(failure: UpstreamFailure, started: float) -> Exchange:
+    return Exchange(failure.status, None, time.perf_counter() - started, failure.reason)
+
+
+def respond(generation: Generation, extra_headers: Mapping[str, str], on_done: OnDone) -> Response:
+    """The client's response for ``generation``, with the guard's headers added."""
+    if generation.whole is not None:
+        answer = generation.whole
+        exchange = Exchange(
+            answer.status,
+            completion_text(answer.body) if answer.status < 300 else None,
+            time.perf_counter() - generation.started,
+            _status_reason(answer.status),
+        )
+        return Response(answer.body, status_code=answer.status, headers={**answer.headers, **extra_headers},
                         background=BackgroundTask(on_done, exchange))
-    deadline = asyncio.get_running_loop().time() + upstream.total_timeout
+    assert generation.stream is not None
+    deadline = asyncio.get_running_loop().time() + generation.upstream.total_timeout
     return StreamingResponse(
-        _relay(upstream, response, deadline, started, on_done),
-        status_code=response.status_code,
-        headers={**relayed, **extra},
+        _relay(generation, deadline, on_done),
+        status_code=generation.stream.status_code,
+        headers={**response_headers(generation.stream.headers), **extra_headers},
     )
 
 
-async def _relay(
-    upstream: Upstream, response, deadline: float, started: float, on_done: OnDone
-) -> AsyncIterator[bytes]:
+async def _relay(generation: Generation, deadline: float, on_done: OnDone) -> AsyncIterator[bytes]:
+    assert generation.stream is not None
     collector = ContentCollector()
     error: str | None = None
     try:
-        async for chunk in upstream.relay(response, deadline):
+        async for chunk in generation.upstream.relay(generation.stream, deadline):
             collector.feed(chunk)
             yield chunk
     except UpstreamFailure as failure:
         # Headers are already sent: report the failure in-band, as OpenAI does.
         error = failure.reason
-        yield sse_event({"error": {"message": failure.message, "type": failure.type, "param": None,
-                                   "code": failure.code}})
+        with contextlib.suppress(Exception):
+            yield sse_event({"error": {"message": failure.message, "type": failure.type, "param": None, "code": failure.code}})
     finally:
-        status = response.status_code if error is None and collector.error is None else 502
-        text = collector.text if error is None and collector.saw_done else None
-        if error is None and not collector.saw_done and collector.error is None:
-            error = "client_disconnect_or_truncated"
-        on_done(Exchange(status, text, time.perf_counter() - started, error))
+        if error is None and collector.error is not None:
+            error = "status_5xx"
+        elif error is None and not collector.saw_done:
+            error = "truncated"  # the client went away, or the upstream ended without [DONE]
+        on_done(Exchange(generation.stream.status_code if error is None else 502,
+                         collector.text if error is None else None,
+                         time.perf_counter() - generation.started, error))

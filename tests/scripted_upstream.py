@@ -80,12 +80,9 @@ def build_upstream(script: Script) -> Starlette:
         model = data.get("model") or "scripted"
         if kind == "probe":
             return await _probe(data, model)
-        try:
-            if script.stall:
-                await asyncio.sleep(script.stall)
-        except asyncio.CancelledError:
-            script.cancelled[kind] += 1
-            raise
+        if script.stall and await _stalled_until_gone(request, script.stall):
+            script.cancelled[kind] += 1  # the proxy dropped the generation call
+            return Response(status_code=499)
         if script.status != 200:
             return JSONResponse(script.error or {"error": {"message": "scripted failure", "type": "server_error",
                                                            "param": None, "code": None}}, status_code=script.status)
@@ -93,6 +90,15 @@ def build_upstream(script: Script) -> Starlette:
             usage = bool((data.get("stream_options") or {}).get("include_usage"))
             return StreamingResponse(_stream(model, usage), media_type="text/event-stream")
         return JSONResponse(_completion(script.reply, model))
+
+    async def _stalled_until_gone(request: Request, seconds: float) -> bool:
+        """Wait ``seconds``; True if the caller disconnected meanwhile."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if await request.is_disconnected():
+                return True
+            await asyncio.sleep(0.02)
+        return False
 
     async def _probe(data: dict, model: str) -> Response:
         rf = (data.get("response_format") or {}).get("type")

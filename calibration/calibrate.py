@@ -1,0 +1,323 @@
+"""Offline calibration: datapoints in, policy (plus the full analysis for the report) out.
+
+Pipeline, all on columnar numpy arrays:
+
+1. read usable datapoints (``calibration.datapoints``), skipped rows counted by reason;
+2. SDT statistics (``calibration.sdt``) overall, per topic and per harm level, each with a 95%
+   cluster-bootstrap CI (resampling prompts: one weight matrix, one matrix product for all cells),
+   plus ECE and Brier of the stated confidence (``calibration.reliability``);
+3. split the *prompts* at random into a fitting half and a calibration half; fit the
+   :class:`~calibration.reliability.Recalibrator` on the fitting half; certify thresholds on the
+   calibration half (``calibration.thresholds``) so the Learn-then-Test guarantee holds (the scores
+   must not have seen the data they are tested on);
+4. risk-coverage curves for the calibrated score and for the stated confidence, and the baseline
+   "auto-route only confidence 5";
+5. write everything the proxy needs into a :class:`~calibration.policy.Policy`.
+
+Cells with too little data are *marked* (``small: true`` with a reason), never hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from calibration.datapoints import DatapointTable, read_datapoints
+from calibration.policy import Baseline, ConfidenceCount, Policy, SDTSummary, Thresholds, TopicPolicy
+from calibration.reliability import Recalibrator, ece_prob, reliability_table
+from calibration.sdt import STAT_NAMES, bootstrap_counts, bootstrap_sdt_ci, sdt_from_counts
+from calibration.thresholds import SideThreshold, cp_lower, design_effect, ltt_threshold, risk_coverage, route
+
+__all__ = ["CalibrationError", "CalibrationResult", "CellStats", "calibrate", "calibrate_table",
+           "MIN_CELL_N", "MIN_CELL_PROMPTS"]
+
+#: Cells below these sizes are marked ``small`` (their intervals are wide or unreliable).
+MIN_CELL_N = 30
+MIN_CELL_PROMPTS = 5
+_CI_NAMES = STAT_NAMES + ("ece", "brier")
+_STATED = np.arange(1, 6) / 5.0
+
+
+class CalibrationError(ValueError):
+    """The datapoints cannot produce a policy (no usable rows, mixed probe templates, ...)."""
+
+
+@dataclass(frozen=True)
+class CellStats:
+    """Statistics of one analysis cell (overall, a topic, or a harm level)."""
+
+    group: str                  # "overall" | "topic" | "harm"
+    name: str
+    counts: tuple[int, int, int, int]   # hits, misses, false alarms, correct rejections
+    n_prompts: int
+    by_confidence: tuple[tuple[int, int], ...]  # (n, n_correct) per confidence 1..5
+    summary: SDTSummary
+
+
+@dataclass
+class CalibrationResult:
+    """The policy plus the analysis behind it (consumed by ``calibration.report`` and the CLI)."""
+
+    policy: Policy
+    table: DatapointTable
+    cells: list[CellStats]
+    harm_source: str
+    reliability: list[dict[str, Any]]
+    ece_calibrated: dict[str, float]
+    risk_coverage: dict[str, dict[str, Any]]
+    operating_points: dict[str, dict[str, Any]]
+    sides: dict[str, dict[str, SideThreshold]]
+    split: dict[str, int]
+    notes: list[str] = field(default_factory=list)
+
+    def cell(self, group: str, name: str) -> CellStats:
+        for c in self.cells:
+            if c.group == group and c.name == name:
+                return c
+        raise KeyError((group, name))
+
+
+def calibrate(paths: Iterable[Path | str], *, target_accuracy: float = 0.98, confidence: float = 0.95,
+              n_boot: int = 1000, seed: int = 0, model: str | None = None,
+              probe_template: str | None = None, probe_template_hash: str | None = None,
+              on_error: str = "raise") -> CalibrationResult:
+    """Read datapoint files (JSONL / SQLite) and calibrate; see :func:`calibrate_table`."""
+    table = read_datapoints(list(paths), on_error=on_error)  # type: ignore[arg-type]
+    return calibrate_table(table, target_accuracy=target_accuracy, confidence=confidence,
+                           n_boot=n_boot, seed=seed, model=model, probe_template=probe_template,
+                           probe_template_hash=probe_template_hash)
+
+
+def _single(values: tuple[str, ...], given: str | None, what: str) -> str | None:
+    if given is not None:
+        return given
+    if len(values) > 1:
+        raise CalibrationError(f"datapoints come from several {what}s {list(values)}; calibrate each "
+                               f"separately or pass the {what} explicitly")
+    return values[0] if values else None
+
+
+def _flag(n: int, n_prompts: int, counts: np.ndarray) -> tuple[bool, str | None]:
+    h, m, fa, cr = (int(x) for x in counts)
+    if n == 0:
+        return True, "empty"
+    reasons = []
+    if h + m == 0:
+        reasons.append("single class: the model never refused (hit rate and d' are undefined; "
+                       "shown with the log-linear prior)")
+    elif fa + cr == 0:
+        reasons.append("single class: the model always refused (false-alarm rate and d' are "
+                       "undefined; shown with the log-linear prior)")
+    if n < MIN_CELL_N:
+        reasons.append(f"n={n} < {MIN_CELL_N}")
+    if n_prompts < MIN_CELL_PROMPTS:
+        reasons.append(f"{n_prompts} prompt(s) < {MIN_CELL_PROMPTS}")
+    return (bool(reasons), "; ".join(reasons) or None)
+
+
+def _fin(x: Any) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _brier_from_counts(k: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Brier score of conf/5 from per-confidence (correct, total) counts along the last axis."""
+    tot = n.sum(axis=-1)
+    num = (n * _STATED ** 2 - 2 * _STATED * k + k).sum(axis=-1)
+    with np.errstate(all="ignore"):
+        return np.where(tot > 0, num / np.where(tot > 0, tot, 1), np.nan)
+
+
+def _ece_vec(k: np.ndarray, n: np.ndarray) -> np.ndarray:
+    tot = n.sum(axis=-1)
+    with np.errstate(all="ignore"):
+        acc = np.where(n > 0, k / np.where(n > 0, n, 1), 0.0)
+        return np.where(tot > 0, (n * np.abs(acc - _STATED)).sum(axis=-1) / np.where(tot > 0, tot, 1),
+                        np.nan)
+
+
+def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, confidence: float = 0.95,
+                    n_boot: int = 1000, seed: int = 0, model: str | None = None,
+                    probe_template: str | None = None, probe_template_hash: str | None = None,
+                    fit_fraction: float = 0.5) -> CalibrationResult:
+    """Calibrate from an in-memory :class:`DatapointTable` (the work behind :func:`calibrate`)."""
+    if not 0.0 < target_accuracy < 1.0:
+        raise CalibrationError("target accuracy must be in (0, 1)")
+    if not 0.0 < confidence < 1.0:
+        raise CalibrationError("confidence must be in (0, 1)")
+    if table.n == 0:
+        msg = "no usable datapoints"
+        if table.n_skipped:
+            msg += f" ({table.skipped_summary()})"
+        raise CalibrationError(msg)
+    model = _single(table.models, model, "model")
+    probe_template = _single(table.probe_templates, probe_template, "probe template")
+    rng = np.random.default_rng(seed)
+    notes: list[str] = []
+    if table.n_skipped:
+        notes.append(table.skipped_summary())
+    if table.unknown_fields:
+        notes.append(f"ignored unknown fields: {', '.join(table.unknown_fields)}")
+
+    wr, rf, conf = table.will_refuse, table.refused, table.confidence.astype(np.int64)
+    correct = wr == rf
+    codes = (2 * (~rf) + (~wr)).astype(np.int64)            # 0 hit, 1 miss, 2 fa, 3 cr
+    n_prompts = len(table.prompt_ids)
+    prompt = table.prompt.astype(np.int64)
+
+    # --- cells: overall, topics, harm levels ------------------------------------------------
+    if (table.harm_level >= 0).any():
+        harm_source, harm_raw = "harm_level", table.harm_level.astype(np.int64)
+    else:
+        harm_source, harm_raw = "harm_rating", np.where(table.harm_rating > 0, table.harm_rating, -1).astype(np.int64)
+    harm_values = np.unique(harm_raw[harm_raw >= 0])
+    harm_code = np.where(harm_raw >= 0, np.searchsorted(harm_values, harm_raw), -1)
+    n_topics = len(table.topics)
+    cell_names = ([("overall", "all")] + [("topic", t) for t in table.topics]
+                  + [("harm", str(int(h))) for h in harm_values])
+    n_cells = len(cell_names)
+    # feature per row and cell: 4 outcome counts + 5x2 (confidence, correct) counts = 14
+    feat_out = codes
+    feat_conf = 4 + (conf - 1) * 2 + correct
+    memberships = [np.zeros_like(prompt), np.where(table.topic >= 0, 1 + table.topic, -1),
+                   np.where(harm_code >= 0, 1 + n_topics + harm_code, -1)]
+    size = n_prompts * n_cells * 14
+    flat = np.zeros(size, dtype=np.int64)
+    for cell in memberships:
+        keep = cell >= 0
+        base = (prompt[keep] * n_cells + cell[keep]) * 14
+        flat += np.bincount(base + feat_out[keep], minlength=size)
+        flat += np.bincount(base + feat_conf[keep], minlength=size)
+    per_prompt = flat.reshape(n_prompts, n_cells, 14)
+    totals = per_prompt.sum(axis=0)                           # (n_cells, 14)
+    prompts_in_cell = (per_prompt[..., :4].sum(axis=-1) > 0).sum(axis=0)
+
+    reps = bootstrap_counts(per_prompt, n_boot, rng)          # (n_boot, n_cells, 14)
+    cis = bootstrap_sdt_ci(reps[..., :4])
+    rk, rn = reps[..., 5:14:2], reps[..., 4:14:2] + reps[..., 5:14:2]
+    alpha = 0.025
+    with np.errstate(all="ignore"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            for name, vals in (("ece", _ece_vec(rk, rn)), ("brier", _brier_from_counts(rk, rn))):
+                cis[name] = np.moveaxis(np.nanquantile(vals, [alpha, 1 - alpha], axis=0), 0, -1)
+
+    point = sdt_from_counts(*(totals[:, i] for i in range(4)))
+    k_conf, n_conf = totals[:, 5:14:2], totals[:, 4:14:2] + totals[:, 5:14:2]
+    ece_pt, brier_pt = _ece_vec(k_conf, n_conf), _brier_from_counts(k_conf, n_conf)
+
+    cells: list[CellStats] = []
+    for j, (group, name) in enumerate(cell_names):
+        cnt = totals[j, :4]
+        n = int(cnt.sum())
+        small, reason = _flag(n, int(prompts_in_cell[j]), cnt)
+        values = {s: _fin(np.asarray(getattr(point, s))[j]) for s in STAT_NAMES}
+        summary = SDTSummary(
+            n=n, n_prompts=int(prompts_in_cell[j]), **values,
+            ece=_fin(ece_pt[j]), brier=_fin(brier_pt[j]),
+            ci={s: (_fin(cis[s][j, 0]), _fin(cis[s][j, 1])) for s in _CI_NAMES},
+            small=small, reason=reason,
+        )
+        cells.append(CellStats(group, name, tuple(int(x) for x in cnt), int(prompts_in_cell[j]),
+                               tuple((int(n_conf[j, c]), int(k_conf[j, c])) for c in range(5)), summary))
+
+    # --- recalibration on one half of the prompts, thresholds on the other -----------------
+    perm = rng.permutation(n_prompts)
+    n_fit = int(round(n_prompts * fit_fraction)) if n_prompts > 1 else n_prompts
+    is_fit_prompt = np.zeros(n_prompts, dtype=bool)
+    is_fit_prompt[perm[:n_fit]] = True
+    fit_rows = is_fit_prompt[prompt]
+    cal_rows = ~fit_rows
+    if not cal_rows.any():
+        notes.append("fewer than 2 prompts: no held-out calibration data, all thresholds are null")
+    rec = Recalibrator().fit(wr[fit_rows], conf[fit_rows], table.harm_rating[fit_rows],
+                             table.topic[fit_rows], correct[fit_rows], topic_names=table.topics)
+    c_wr, c_conf, c_cor = wr[cal_rows], conf[cal_rows], correct[cal_rows]
+    c_topic, c_prompt = table.topic[cal_rows], prompt[cal_rows]
+    score = rec.apply_many(c_wr, c_conf, table.harm_rating[cal_rows], c_topic, topic_names=table.topics)
+    delta_side = (1.0 - confidence) / 2.0
+
+    def certify(mask: np.ndarray) -> dict[str, SideThreshold]:
+        out = {}
+        for side, want in (("block", True), ("pass", False)):
+            sel = mask & (c_wr == want)
+            out[side] = ltt_threshold(score[sel], c_cor[sel], target_accuracy, delta_side, unit=c_prompt[sel])
+        return out
+
+    def point_of(sides: dict[str, SideThreshold], mask: np.ndarray) -> dict[str, Any]:
+        routed = route(score, c_wr, sides["block"].threshold, sides["pass"].threshold) & mask
+        nr, nc, nt = int(routed.sum()), int(c_cor[routed].sum()), int(mask.sum())
+        return {"coverage": nr / nt if nt else None, "accuracy": nc / nr if nr else None,
+                "n_routed": nr, "n": nt}
+
+    all_cal = np.ones(c_wr.shape, dtype=bool)
+    sides = {"(global)": certify(all_cal)}
+    topic_policies: dict[str, TopicPolicy] = {}
+    for t, tname in enumerate(table.topics):
+        tmask = c_topic == t
+        sides[tname] = certify(tmask)
+        op = point_of(sides[tname], tmask)
+        cs = cells[1 + t]
+        topic_policies[tname] = TopicPolicy(
+            n=cs.summary.n, sdt=cs.summary,
+            thresholds=Thresholds(block=sides[tname]["block"].threshold, pass_=sides[tname]["pass"].threshold),
+            baseline=_baseline(cs), coverage=op["coverage"], expected_accuracy=op["accuracy"],
+        )
+    glob_op = point_of(sides["(global)"], all_cal)
+
+    # operating point of the whole policy (per-topic thresholds, global for missing topic)
+    b_th = np.array([sides["(global)"]["block"].threshold] + [sides[t]["block"].threshold for t in table.topics],
+                    dtype=object)
+    p_th = np.array([sides["(global)"]["pass"].threshold] + [sides[t]["pass"].threshold for t in table.topics],
+                    dtype=object)
+    to_f = np.vectorize(lambda v: np.inf if v is None else float(v), otypes=[float])
+    cut = np.where(c_wr, to_f(b_th)[c_topic + 1], to_f(p_th)[c_topic + 1]) if c_wr.size else np.zeros(0)
+    routed_pol = score >= cut
+    nr = int(routed_pol.sum())
+    pol_op = {"coverage": nr / c_wr.size if c_wr.size else None,
+              "accuracy": float(c_cor[routed_pol].mean()) if nr else None, "n_routed": nr, "n": int(c_wr.size)}
+    base_mask = c_conf == 5
+    nb, kb = int(base_mask.sum()), int(c_cor[base_mask].sum())
+    # same clustering correction as the thresholds: residual ICC given the score (here: confidence)
+    deff_b = design_effect(c_prompt, c_cor, strata=c_conf) if nb else 1.0
+    base_op = {"coverage": nb / c_wr.size if c_wr.size else None, "accuracy": kb / nb if nb else None,
+               "n_routed": nb, "n": int(c_wr.size), "design_effect": deff_b,
+               "accuracy_lower": _fin(cp_lower(kb / deff_b, nb / deff_b, 1.0 - confidence)) if nb else None}
+    base_op["meets_target_with_confidence"] = bool(base_op["accuracy_lower"] is not None
+                                                   and base_op["accuracy_lower"] >= target_accuracy)
+    rc = {"calibrated": risk_coverage(score, c_cor), "stated_confidence": risk_coverage(c_conf / 5.0, c_cor)}
+
+    overall = cells[0]
+    policy = Policy(
+        model=model, probe_template=probe_template, probe_template_hash=probe_template_hash,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), data_hash=table.data_hash(),
+        n=table.n, n_prompts=n_prompts, target_accuracy=target_accuracy, confidence=confidence,
+        sdt=overall.summary,
+        thresholds=Thresholds(block=sides["(global)"]["block"].threshold,
+                              pass_=sides["(global)"]["pass"].threshold),
+        baseline=_baseline(overall), coverage=pol_op["coverage"], expected_accuracy=pol_op["accuracy"],
+        topics=topic_policies, calibrator=rec.to_dict(),
+    )
+    return CalibrationResult(
+        policy=policy, table=table, cells=cells, harm_source=harm_source,
+        reliability=reliability_table(conf, correct),
+        ece_calibrated={"stated_heldout": ece_prob(c_conf / 5.0, c_cor),
+                        "calibrated_heldout": ece_prob(score, c_cor)},
+        risk_coverage=rc,
+        operating_points={"policy": pol_op, "global_thresholds": glob_op, "baseline_conf5": base_op},
+        sides=sides, split={"fit_prompts": int(n_fit), "calibration_prompts": int(n_prompts - n_fit),
+                            "fit_rows": int(fit_rows.sum()), "calibration_rows": int(cal_rows.sum())},
+        notes=notes,
+    )
+
+
+def _baseline(cs: CellStats) -> Baseline:
+    h, m, fa, cr = cs.counts
+    return Baseline(hits=h, misses=m, false_alarms=fa, correct_rejections=cr,
+                    by_confidence=[ConfidenceCount(confidence=i + 1, n=n, correct=k)
+                                   for i, (n, k) in enumerate(cs.by_confidence)])

@@ -1,0 +1,133 @@
+"""``refusal-guard calibrate``: datapoints (JSONL / SQLite log) -> policy JSON (+ optional report).
+
+Registered on the console script's subparsers by :func:`add_calibrate_parser`; ``run(args)``
+returns the exit code (0 ok, 2 bad input).  Progress and warnings go to stderr, the summary table to
+stdout.  Also runnable standalone: ``python -m calibration.cli calibrate ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from calibration.datapoints import DatapointError
+
+__all__ = ["add_calibrate_parser", "run", "main", "summary_table"]
+
+
+def add_calibrate_parser(subparsers: Any) -> None:
+    """Register the ``calibrate`` subcommand (``set_defaults(func=run)``)."""
+    p = subparsers.add_parser(
+        "calibrate", help="fit a policy from datapoints",
+        description="Read datapoints (JSONL or the proxy's SQLite log), compute SDT statistics with "
+                    "bootstrap CIs, recalibrate confidence, certify routing thresholds and write the "
+                    "policy file the proxy loads.")
+    p.add_argument("--datapoints", nargs="+", type=Path, required=True, metavar="FILE",
+                   help="JSONL and/or SQLite files")
+    p.add_argument("--out", type=Path, required=True, help="policy JSON to write")
+    p.add_argument("--target-accuracy", type=float, default=0.98,
+                   help="required accuracy of auto-routed requests (default 0.98)")
+    p.add_argument("--confidence", type=float, default=0.95,
+                   help="probability that the target holds (default 0.95)")
+    p.add_argument("--report", type=Path, metavar="DIR", help="also write report.md and report.html here")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="override the model name found in the datapoints")
+    p.add_argument("--probe-template", help="override the probe template id found in the datapoints")
+    p.add_argument("--probe-template-hash", help="hash of the probe template text")
+    p.add_argument("--skip-invalid", action="store_true",
+                   help="count invalid rows as skipped instead of stopping at the first one")
+    p.set_defaults(func=run)
+
+
+def _fmt(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def summary_table(result: Any) -> str:
+    """Plain-text table of the overall, per-topic and per-harm statistics and the thresholds."""
+    pol = result.policy
+    head = f"{'cell':<28}{'n':>8}{'acc':>7}{'d_prime [95% CI]':>22}{'c':>7}{'block':>7}{'pass':>7}  note"
+    lines = [head, "-" * len(head)]
+    for cs in result.cells:
+        s = cs.summary
+        lo, hi = s.ci.get("d_prime", (None, None))
+        if cs.group == "topic":
+            th = pol.topics[cs.name].thresholds
+        elif cs.group == "overall":
+            th = pol.global_thresholds
+        else:
+            th = None
+        label = cs.name if cs.group == "overall" else f"{cs.group}:{cs.name}"
+        dci = f"{_fmt(s.d_prime, '.2f')} [{_fmt(lo, '.2f')},{_fmt(hi, '.2f')}]"
+        lines.append(f"{label[:27]:<28}{s.n:>8}{_fmt(s.accuracy):>7}{dci:>22}{_fmt(s.criterion, '.2f'):>7}"
+                     f"{_fmt(th.block if th else None, '.3f'):>7}{_fmt(th.pass_ if th else None, '.3f'):>7}"
+                     f"  {'SMALL: ' + (s.reason or '') if s.small else ''}")
+    op, base = result.operating_points["policy"], result.operating_points["baseline_conf5"]
+    lines.append("")
+    lines.append(f"policy:   coverage {_fmt(op['coverage'])}  accuracy {_fmt(op['accuracy'])}  "
+                 f"(held-out, n={op['n']})  AURC {_fmt(result.risk_coverage['calibrated']['aurc'], '.4f')}")
+    lines.append(f"baseline: coverage {_fmt(base['coverage'])}  accuracy {_fmt(base['accuracy'])}  "
+                 f"(trust only confidence 5; certified >= target: {base['meets_target_with_confidence']})  "
+                 f"AURC {_fmt(result.risk_coverage['stated_confidence']['aurc'], '.4f')}")
+    lines.append(f"ECE {_fmt(pol.sdt.ece)}  Brier {_fmt(pol.sdt.brier)}  policy version {pol.version}")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Execute ``calibrate``; returns the process exit code."""
+    from calibration.calibrate import CalibrationError, calibrate  # heavy imports only when used
+
+    t0 = time.perf_counter()
+    err = sys.stderr
+    print(f"calibrate: reading {len(args.datapoints)} file(s)", file=err)
+    try:
+        result = calibrate(args.datapoints, target_accuracy=args.target_accuracy, confidence=args.confidence,
+                           n_boot=args.n_boot, seed=args.seed, model=args.model,
+                           probe_template=args.probe_template, probe_template_hash=args.probe_template_hash,
+                           on_error="skip" if args.skip_invalid else "raise")
+    except (DatapointError, CalibrationError) as exc:
+        print(f"calibrate: error: {exc}", file=err)
+        return 2
+    table = result.table
+    print(f"calibrate: {table.n} usable datapoints from {table.n_read} rows, "
+          f"{len(table.prompt_ids)} prompts, {len(table.topics)} topics", file=err)
+    print(f"calibrate: skipped {table.n_skipped} rows" + (f": {table.skipped_summary()}" if table.n_skipped else ""),
+          file=err)
+    for note in result.notes:
+        if not note.startswith("skipped"):
+            print(f"calibrate: note: {note}", file=err)
+    try:
+        result.policy.save(args.out)
+    except OSError as exc:
+        print(f"calibrate: error: cannot write {args.out}: {exc}", file=err)
+        return 2
+    print(f"calibrate: wrote {args.out} (version {result.policy.version})", file=err)
+    if args.report is not None:
+        from calibration.report import write_report
+        try:
+            md, html = write_report(result, args.report)
+        except ImportError:
+            print("calibrate: error: the report needs matplotlib (pip install 'refusal-guard[report]'); "
+                  "the policy was written", file=err)
+            return 2
+        print(f"calibrate: wrote {md} and {html}", file=err)
+    print(summary_table(result))
+    print(f"calibrate: done in {time.perf_counter() - t0:.1f}s", file=err)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Standalone entry point (the product's console script lives in guard/cli.py)."""
+    parser = argparse.ArgumentParser(prog="refusal-guard")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_calibrate_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,229 @@
+"""The policy file: what ``calibrate`` writes and the proxy loads (pydantic v2, schema-versioned).
+
+Decision rule (the one place it is defined; ``p`` = calibrated P(prediction correct) from
+:meth:`Policy.p_correct`, thresholds from :meth:`Policy.thresholds` for the request's topic, with
+the global thresholds for topics the policy does not know):
+
+* predicted refuse and ``block`` is not null and ``p >= block``  -> ``block``
+* predicted comply and ``pass`` is not null and ``p >= pass``    -> ``pass``
+* otherwise                                                      -> ``review``
+
+A null threshold means "never auto-route that side".  With thresholds from ``calibrate`` the
+accuracy of auto-routed requests is >= ``target_accuracy`` with probability >= ``confidence`` (see
+``calibration.thresholds``), assuming deployment traffic resembles the calibration data.
+
+``baseline`` holds the confusion counts (hits, misses, false alarms, correct rejections, in the SDT
+convention of ``calibration.sdt``) and per-confidence counts that the live drift tests compare
+against.  ``Policy.version`` is a short hash of the content (excluding ``created_at``), so the same
+data and settings always give the same version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from calibration.reliability import Recalibrator
+
+__all__ = ["PolicyError", "Thresholds", "SDTSummary", "ConfidenceCount", "Baseline", "TopicPolicy",
+           "Policy", "SCHEMA_VERSION", "Action"]
+
+SCHEMA_VERSION = 1
+Action = Literal["pass", "block", "review"]
+_Interval = tuple[float | None, float | None]
+
+
+class PolicyError(ValueError):
+    """The policy file is missing, not JSON, or does not match the schema."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class Thresholds(_Frozen):
+    """Minimum calibrated P(correct) to auto-route each side; None = never auto-route that side."""
+
+    block: float | None = Field(default=None, ge=0.0, le=1.0)
+    pass_: float | None = Field(default=None, ge=0.0, le=1.0, alias="pass")
+
+
+class SDTSummary(_Frozen):
+    """SDT and calibration statistics of one cell with 95% bootstrap CIs (``ci[name] = [lo, hi]``)."""
+
+    n: int = Field(ge=0)
+    n_prompts: int = Field(default=0, ge=0)
+    hit_rate: float | None = None
+    false_alarm_rate: float | None = None
+    d_prime: float | None = None
+    criterion: float | None = None
+    accuracy: float | None = None
+    ece: float | None = None
+    brier: float | None = None
+    ci: dict[str, _Interval] = Field(default_factory=dict)
+    small: bool = False
+    reason: str | None = None
+
+
+class ConfidenceCount(_Frozen):
+    """Requests at one stated confidence level and how many of them were predicted correctly."""
+
+    confidence: int = Field(ge=1, le=5)
+    n: int = Field(ge=0)
+    correct: int = Field(ge=0)
+
+
+class Baseline(_Frozen):
+    """Calibration-time counts the live drift tests compare against.
+
+    ``accuracy = (hits + correct_rejections) / n`` and ``refusal_rate = (hits + misses) / n`` (the
+    rate at which the model actually refused); both are derived from the counts on load.
+    """
+
+    hits: int = Field(ge=0)
+    misses: int = Field(ge=0)
+    false_alarms: int = Field(ge=0)
+    correct_rejections: int = Field(ge=0)
+    accuracy: float | None = None
+    refusal_rate: float | None = None
+    by_confidence: list[ConfidenceCount] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            data = dict(data)
+            try:
+                h, m = int(data["hits"]), int(data["misses"])
+                fa, cr = int(data["false_alarms"]), int(data["correct_rejections"])
+            except (KeyError, TypeError, ValueError):
+                return data  # let field validation report it
+            n = h + m + fa + cr
+            data["accuracy"] = (h + cr) / n if n else None
+            data["refusal_rate"] = (h + m) / n if n else None
+        return data
+
+    @property
+    def n(self) -> int:
+        return self.hits + self.misses + self.false_alarms + self.correct_rejections
+
+
+class TopicPolicy(_Frozen):
+    """Per-topic statistics, certified thresholds and baseline."""
+
+    n: int = Field(ge=0)
+    sdt: SDTSummary
+    thresholds: Thresholds
+    baseline: Baseline
+    coverage: float | None = None
+    expected_accuracy: float | None = None
+
+
+class Policy(_Frozen):
+    """The policy file.  Load with :meth:`load`; query with :meth:`p_correct`, :meth:`thresholds`,
+    :meth:`baseline` and :meth:`decide`."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    model: str | None = None
+    probe_template: str | None = None
+    probe_template_hash: str | None = None
+    created_at: str
+    data_hash: str
+    n: int = Field(ge=0)
+    n_prompts: int = Field(default=0, ge=0)
+    target_accuracy: float = Field(gt=0.0, le=1.0)
+    confidence: float = Field(gt=0.0, lt=1.0)
+    sdt: SDTSummary
+    global_thresholds: Thresholds = Field(alias="thresholds")
+    global_baseline: Baseline = Field(alias="baseline")
+    coverage: float | None = None
+    expected_accuracy: float | None = None
+    topics: dict[str, TopicPolicy] = Field(default_factory=dict)
+    calibrator: dict[str, Any]
+
+    _cal: Recalibrator = PrivateAttr()
+
+    @field_validator("created_at")
+    @classmethod
+    def _iso(cls, v: str) -> str:
+        datetime.fromisoformat(v)
+        return v
+
+    @field_validator("calibrator")
+    @classmethod
+    def _cal_ok(cls, v: dict[str, Any]) -> dict[str, Any]:
+        Recalibrator.from_dict(v)  # raises ValueError with a message if malformed
+        return v
+
+    def model_post_init(self, __context: Any) -> None:
+        self._cal = Recalibrator.from_dict(self.calibrator)
+
+    # -- files -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: Path | str) -> "Policy":
+        """Read and validate a policy file; any problem raises :class:`PolicyError`."""
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PolicyError(f"{p}: cannot read policy file: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PolicyError(f"{p}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        if not isinstance(data, dict):
+            raise PolicyError(f"{p}: expected a JSON object")
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise PolicyError(f"{p}: schema_version {data.get('schema_version')!r} is not supported "
+                              f"(this build reads {SCHEMA_VERSION})")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            lines = [f"{'.'.join(str(x) for x in e['loc']) or '(root)'}: {e['msg']}" for e in exc.errors()[:10]]
+            raise PolicyError(f"{p}: invalid policy file:\n  " + "\n  ".join(lines)) from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True), indent=2, allow_nan=False) + "\n"
+
+    def save(self, path: Path | str) -> None:
+        """Write atomically (temp file + rename) so a hot-reloading proxy never sees half a file."""
+        p = Path(path)
+        tmp = p.with_name(p.name + ".tmp")
+        tmp.write_text(self.to_json(), encoding="utf-8")
+        tmp.replace(p)
+
+    @property
+    def version(self) -> str:
+        """Short stable hash (12 hex) of the content, excluding ``created_at``."""
+        d = self.model_dump(mode="json", by_alias=True, exclude={"created_at"})
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    # -- queries -----------------------------------------------------------------------------
+    def p_correct(self, topic: str | None, will_refuse: bool, confidence: int,
+                  harm_rating: int | None) -> float:
+        """Calibrated P(prediction correct); unknown/None topic uses the global map."""
+        return self._cal.apply(will_refuse, confidence, harm_rating, topic)
+
+    def thresholds(self, topic: str | None) -> Thresholds:
+        t = self.topics.get(topic) if topic is not None else None
+        return t.thresholds if t is not None else self.global_thresholds
+
+    def baseline(self, topic: str | None) -> Baseline:
+        t = self.topics.get(topic) if topic is not None else None
+        return t.baseline if t is not None else self.global_baseline
+
+    def decide(self, topic: str | None, will_refuse: bool, confidence: int,
+               harm_rating: int | None) -> Action:
+        """Apply the decision rule in the module docstring."""
+        p = self.p_correct(topic, will_refuse, confidence, harm_rating)
+        th = self.thresholds(topic)
+        cut = th.block if will_refuse else th.pass_
+        if cut is not None and p >= cut:
+            return "block" if will_refuse else "pass"
+        return "review"

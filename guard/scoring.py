@@ -1,0 +1,85 @@
+"""Scoring a finished request: label the real answer, count it, window it, log it.
+
+Runs after the client has its last byte (a background task for whole responses, the end
+of the relay for streams), so the refusal detector never delays a response. Every chat
+request that reached routing passes here exactly once, blocked and failed ones included:
+``refusal_guard_requests_total`` and the datapoint log both count it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from guard.detector import RefusalDetector, is_refusal
+from guard.forward import Exchange
+from guard.judge import RefusalJudge
+from guard.live import LiveStats
+from guard.metrics import GuardMetrics
+from guard.recorder import DatapointRecorder
+
+UPSTREAM_ERROR_REASONS = frozenset({"connect", "timeout", "protocol", "status_4xx", "status_5xx"})
+
+
+class Scorer:
+    def __init__(
+        self,
+        detector: RefusalDetector,
+        live: LiveStats,
+        recorder: DatapointRecorder,
+        metrics: GuardMetrics,
+        *,
+        topics: tuple[str, ...],
+        strict: bool,
+        judge: RefusalJudge | None = None,
+    ) -> None:
+        self.detector = detector
+        self.live = live
+        self.recorder = recorder
+        self.metrics = metrics
+        self.topics = frozenset(topics)
+        self.strict = strict
+        self.judge = judge
+        self._audits: set[asyncio.Task[None]] = set()
+
+    def submit(self, record: dict[str, Any], exchange: Exchange | None, started: float) -> None:
+        """Complete ``record`` with the outcome and timings, then count and log it."""
+        total = time.perf_counter() - started
+        record["total_ms"] = round(total * 1000, 3)
+        overhead = total
+        if exchange is not None:
+            record["upstream_ms"] = round(exchange.seconds * 1000, 3)
+            self.metrics.upstream_seconds.observe(exchange.seconds)
+            overhead = max(0.0, total - exchange.seconds)
+            if exchange.error in UPSTREAM_ERROR_REASONS:
+                self.metrics.upstream_errors.labels(exchange.error).inc()
+        self.metrics.overhead_seconds.observe(overhead)
+        self.metrics.requests.labels(record["action"], record["mode"]).inc()
+
+        text = exchange.text if exchange is not None else None
+        label = self.detector.label(text) if text is not None else None
+        refused = is_refusal(label, self.strict) if label is not None else None
+        record["label"] = label.value if label is not None else None
+        record["refused"] = refused
+        will_refuse, confidence = record.get("will_refuse"), record.get("confidence")
+        if refused is not None and will_refuse is not None and confidence is not None:
+            topic = record["topic"] if record["topic"] in self.topics else "other"
+            self.metrics.outcomes.labels(topic, "refuse" if will_refuse else "comply",
+                                         "refused" if refused else "complied").inc()
+            self.metrics.confidence_outcomes.labels(topic, str(confidence), str(will_refuse == refused).lower()).inc()
+            self.live.observe(topic, will_refuse, refused, confidence)
+        self.recorder.put(record)
+        if self.judge is not None and text is not None and label is not None and self.judge.should_sample(record["request_id"]):
+            task = asyncio.get_running_loop().create_task(self._audit(record.get("prompt"), text, label))
+            self._audits.add(task)
+            task.add_done_callback(self._audits.discard)
+
+    async def _audit(self, prompt: str | None, text: str, label: Any) -> None:
+        assert self.judge is not None
+        verdict = await self.judge.label(prompt, text)
+        if verdict is None:
+            self.metrics.judge.labels("failed").inc()
+        else:
+            agree = is_refusal(verdict, self.strict) == is_refusal(label, self.strict)
+            self.metrics.judge.labels("agree" if agree else "disagree").inc()

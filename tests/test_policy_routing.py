@@ -1,0 +1,106 @@
+"""Calibrated policies in the proxy: thresholds, template-hash check, hot reload, admin auth."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from calibration.calibrate import calibrate
+from guard.probe import TEMPLATE_HASH, TEMPLATE_ID
+
+MESSAGES = [{"role": "user", "content": "Tell me about locks."}]
+
+
+def write_datapoints(path: Path) -> Path:
+    """A model whose confidence-5 predictions are always right and confidence-1 ones a coin flip."""
+    rows = []
+    for i in range(600):
+        will_refuse = i % 2 == 0
+        confidence = 5 if i % 3 else 1
+        refused = will_refuse if confidence == 5 else (i % 4 < 2)
+        rows.append({"id": f"p{i}", "will_refuse": will_refuse, "confidence": confidence, "refused": refused,
+                     "harm_rating": 4 if will_refuse else 1, "topic": "hacking" if i % 5 == 0 else "other",
+                     "probe_template": TEMPLATE_ID})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def policies(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("policies")
+    data = write_datapoints(tmp / "dp.jsonl")
+    out = {}
+    for name, template_hash in (("enforced", TEMPLATE_HASH), ("foreign", "0000000000000000")):
+        result = calibrate([data], target_accuracy=0.9, confidence=0.95, n_boot=200, probe_template=TEMPLATE_ID,
+                           probe_template_hash=template_hash)
+        result.policy.save(tmp / f"{name}.json")
+        out[name] = tmp / f"{name}.json"
+    return out
+
+
+def probe_says(will_refuse: bool, confidence: int, harm: int) -> str:
+    return json.dumps({"will_refuse": will_refuse, "confidence": confidence, "harm_rating": harm, "topic": "other"})
+
+
+def headers_for(proxy, script, will_refuse, confidence, harm, content="x"):
+    script.probe_reply = probe_says(will_refuse, confidence, harm)
+    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+    return sdk.chat.completions.with_raw_response.create(
+        model="m", messages=[{"role": "user", "content": content}]).headers
+
+
+def test_calibrated_thresholds_route_requests(start_proxy, script, policies):
+    proxy = start_proxy(mode="sequential", policy=str(policies["enforced"]))
+    confident_refuse = headers_for(proxy, script, True, 5, 4, "a")
+    assert confident_refuse["x-refusal-guard-action"] == "block"
+    assert float(confident_refuse["x-refusal-guard-p-correct"]) > 0.9
+    coin_flip = headers_for(proxy, script, False, 1, 1, "b")
+    assert coin_flip["x-refusal-guard-action"] == "review"
+    assert float(coin_flip["x-refusal-guard-p-correct"]) < 0.8
+    info = httpx.get(proxy.url + "/metrics").text
+    assert 'enforced="true"' in info and "refusal_guard_policy_baseline" in info
+
+
+def test_policy_for_another_probe_template_runs_in_shadow(start_proxy, script, policies):
+    proxy = start_proxy(mode="sequential", policy=str(policies["foreign"]))
+    headers = headers_for(proxy, script, True, 5, 4)
+    assert headers["x-refusal-guard-mode"] == "shadow"
+    assert script.calls["generation"] == 1  # not blocked
+    assert 'enforced="false"' in httpx.get(proxy.url + "/metrics").text
+
+
+def test_admin_reload_needs_the_token_and_keeps_the_old_policy_on_error(start_proxy, script, policies, tmp_path):
+    live = tmp_path / "policy.json"
+    live.write_text(policies["enforced"].read_text())
+    proxy = start_proxy(mode="sequential", policy=str(live), admin_token="s3cret")
+    url = proxy.url + "/admin/policy/reload"
+    assert httpx.post(url).status_code == 401
+    assert httpx.post(url, headers={"authorization": "Bearer wrong"}).status_code == 401
+    live.write_text("{ not json")
+    bad = httpx.post(url, headers={"authorization": "Bearer s3cret"})
+    assert bad.status_code == 422 and "not valid JSON" in bad.json()["message"]
+    assert headers_for(proxy, script, True, 5, 4, "c")["x-refusal-guard-action"] == "block"  # old policy kept
+    live.write_text(policies["foreign"].read_text())
+    good = httpx.post(url, headers={"authorization": "Bearer s3cret"})
+    assert good.status_code == 200 and good.json()["ok"]
+    assert headers_for(proxy, script, True, 5, 4, "d")["x-refusal-guard-mode"] == "shadow"
+
+
+def test_admin_endpoints_are_off_without_a_token(start_proxy):
+    r = httpx.post(start_proxy().url + "/admin/policy/reload", headers={"authorization": "Bearer anything"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "admin_disabled"
+
+
+def test_unreadable_policy_at_start_is_an_error(tmp_path):
+    from prometheus_client import CollectorRegistry
+
+    from calibration.policy import PolicyError
+    from guard.metrics import GuardMetrics
+    from guard.policy import PolicyStore
+
+    with pytest.raises(PolicyError):
+        PolicyStore(tmp_path / "missing.json", TEMPLATE_HASH, GuardMetrics(CollectorRegistry()))
