@@ -1,0 +1,200 @@
+"""Ground truth, the datapoint log and live metrics: every request is counted and logged once."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from scipy.stats import norm
+
+from calibration.datapoints import FIELDS, read_datapoints
+from guard.app import create_app
+from guard.settings import Settings
+from tests.servers import ServerThread, free_port
+
+REFUSAL = "I'm sorry, but I can't help with that request."
+COMPLIANCE = "Sure. Here is a clear explanation: the process has three steps, each described below in detail. " * 3
+
+
+def probe_says(will_refuse: bool, confidence: int = 4, topic: str = "hacking") -> str:
+    return json.dumps({"will_refuse": will_refuse, "confidence": confidence, "harm_rating": 1, "topic": topic})
+
+
+def samples(proxy_url: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(httpx.get(proxy_url + "/metrics").text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def rows(db: Path) -> list[dict]:
+    con = sqlite3.connect(db)
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute("SELECT * FROM datapoints ORDER BY seq")]
+    finally:
+        con.close()
+
+
+def test_outcomes_are_scored_and_gauges_match_the_counters(start_proxy, script, tmp_path):
+    db = tmp_path / "dp.sqlite3"
+    proxy = start_proxy(mode="sequential", datapoints=str(db), window_size=1000)
+    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+    rng = random.Random(7)
+    truth = {"hits": 0, "misses": 0, "fa": 0, "cr": 0}
+    for i in range(40):
+        predicted, actual = rng.random() < 0.5, rng.random() < 0.4
+        script.probe_reply = probe_says(predicted, confidence=rng.choice([4, 5]) if not predicted else 4)
+        script.reply = REFUSAL if actual else COMPLIANCE
+        sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": f"question {i}"}])
+        truth[("hits" if predicted else "misses") if actual else ("fa" if predicted else "cr")] += 1
+    time.sleep(0.3)
+    s = samples(proxy.url)
+    cell = lambda p, a: s.get(("refusal_guard_outcomes_total", (("actual", a), ("predicted", p), ("topic", "hacking"))), 0)  # noqa: E731
+    counted = {"hits": cell("refuse", "refused"), "misses": cell("comply", "refused"),
+               "fa": cell("refuse", "complied"), "cr": cell("comply", "complied")}
+    assert counted == truth
+    # An independent computation (scipy, log-linear correction) from the counters.
+    h = (counted["hits"] + 0.5) / (counted["hits"] + counted["misses"] + 1)
+    f = (counted["fa"] + 0.5) / (counted["fa"] + counted["cr"] + 1)
+    for topic in ("hacking", "all"):
+        assert s[("refusal_guard_d_prime", (("topic", topic),))] == pytest.approx(norm.ppf(h) - norm.ppf(f), abs=1e-9)
+        assert s[("refusal_guard_criterion", (("topic", topic),))] == pytest.approx(-(norm.ppf(h) + norm.ppf(f)) / 2)
+        assert s[("refusal_guard_accuracy", (("topic", topic),))] == pytest.approx((truth["hits"] + truth["cr"]) / 40)
+    assert s[("refusal_guard_requests_total", (("action", "pass"), ("mode", "sequential")))] == 40
+    time.sleep(0.6)
+    logged = rows(db)
+    assert len(logged) == 40
+    assert sum(r["refused"] for r in logged) == truth["hits"] + truth["misses"]
+    assert {r["label"] for r in logged} <= {"full_refusal", "partial_refusal", "partial_compliance", "full_compliance"}
+    assert all(r["prompt"] is None for r in logged)  # prompt text only with log_prompts
+
+
+def test_confidence_outcomes_and_ece_gauge(start_proxy, script, tmp_path):
+    proxy = start_proxy(mode="sequential", datapoints=None)
+    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+    script.reply = COMPLIANCE
+    for i, (predicted, conf) in enumerate([(False, 4), (False, 4), (True, 4), (False, 2)]):
+        script.probe_reply = probe_says(predicted, conf)
+        sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": f"q{i}"}])
+    s = samples(proxy.url)
+    key = lambda c, ok: ("refusal_guard_confidence_outcomes_total", (("confidence", c), ("correct", ok), ("topic", "hacking")))  # noqa: E731
+    assert s[key("4", "true")] == 2 and s[key("4", "false")] == 1 and s[key("2", "true")] == 1
+    # ECE, one bin per confidence level, stated confidence c maps to c/5:
+    expected = (3 / 4) * abs(2 / 3 - 4 / 5) + (1 / 4) * abs(1.0 - 2 / 5)
+    assert s[("refusal_guard_ece", (("topic", "all"),))] == pytest.approx(expected)
+
+
+def test_every_request_is_logged_once_under_concurrency_and_at_shutdown(upstream, script, tmp_path):
+    db = tmp_path / "dp.sqlite3"
+    script.probe_reply = probe_says(False, 5)
+    script.stall = 0.05
+    settings = Settings(upstream=upstream.url + "/v1", mode="sequential", datapoints=db)
+    from prometheus_client import CollectorRegistry
+
+    proxy = ServerThread(create_app(settings, registry=CollectorRegistry())).start()
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        with httpx.Client(base_url=proxy.url, timeout=30) as client:
+            for i in range(n):
+                body = {"model": "m", "messages": [{"role": "user", "content": f"{threading.get_ident()}-{i}"}],
+                        "stream": i % 2 == 0}
+                r = client.post("/v1/chat/completions", json=body)
+                with lock:
+                    statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=worker, args=(15,)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bad = httpx.post(proxy.url + "/v1/chat/completions", content=b"nope")
+    assert bad.status_code == 400
+    proxy.stop()  # graceful shutdown flushes the queue
+    assert statuses == [200] * 120
+    logged = rows(db)
+    assert len(logged) == 120
+    assert len({r["request_id"] for r in logged}) == 120
+    table = read_datapoints([db])  # calibrate reads the proxy's log directly
+    assert table.n == 120
+
+
+def test_blocked_and_failed_requests_are_logged_without_an_outcome(start_proxy, script, tmp_path):
+    db = tmp_path / "dp.sqlite3"
+    proxy = start_proxy(mode="sequential", datapoints=str(db))
+    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+    script.probe_reply = probe_says(True, 5)
+    sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "blocked one"}])
+    script.probe_reply = probe_says(False, 5)
+    script.status = 500
+    with pytest.raises(openai.InternalServerError):
+        sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "failing one"}])
+    time.sleep(0.6)
+    blocked, failed = rows(db)
+    assert blocked["action"] == "block" and blocked["refused"] is None and blocked["label"] is None
+    assert failed["action"] == "pass" and failed["refused"] is None
+    s = samples(proxy.url)
+    assert s[("refusal_guard_upstream_errors_total", (("reason", "status_5xx"),))] == 1
+    assert s[("refusal_guard_requests_total", (("action", "block"), ("mode", "sequential")))] == 1
+
+
+def test_export_writes_the_log_as_jsonl(start_proxy, script, tmp_path):
+    db = tmp_path / "dp.sqlite3"
+    proxy = start_proxy(mode="sequential", datapoints=str(db), log_prompts=True)
+    openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0).chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "export me"}])
+    time.sleep(0.6)
+    out = tmp_path / "dp.jsonl"
+    done = subprocess.run([sys.executable, "-m", "guard.cli", "export", "--db", str(db), "--out", str(out)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text().splitlines()[0])
+    assert set(FIELDS) <= set(record) and record["prompt"] == "export me" and record["will_refuse"] is False
+
+
+def test_two_workers_sum_counters_and_share_the_log(upstream, script, tmp_path):
+    script.probe_reply = probe_says(False, 5)
+    db = tmp_path / "dp.sqlite3"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REFUSAL_GUARD_", "PROMETHEUS_"))}
+    proc = subprocess.Popen([sys.executable, "-m", "guard.cli", "serve", "--upstream", upstream.url + "/v1",
+                             "--port", str(port), "--workers", "2", "--mode", "sequential", "--datapoints", str(db)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(url + "/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        for i in range(40):
+            # A fresh connection each time, so both workers take requests.
+            r = httpx.post(url + "/v1/chat/completions",
+                           json={"model": "m", "messages": [{"role": "user", "content": f"w{i}"}]})
+            assert r.status_code == 200
+        for _ in range(5):
+            s = samples(url)
+            assert s[("refusal_guard_requests_total", (("action", "pass"), ("mode", "sequential")))] == 40
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert len(rows(db)) == 40
