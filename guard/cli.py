@@ -115,10 +115,12 @@ def run_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from calibration.cli import add_calibrate_parser
     from guard.classify import add_classify_parser
+    from guard.up import add_up_parser
 
     parser = argparse.ArgumentParser(prog="refusal-guard", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(subparsers)
+    add_up_parser(subparsers)
     add_classify_parser(subparsers)
     add_calibrate_parser(subparsers)
     add_export_parser(subparsers)

@@ -164,7 +164,7 @@ class Prober:
                                                      content=json.dumps(body).encode(), timeout=self.timeout)
             except UpstreamFailure as failure:
                 raise _ProbeFailed("timeout" if failure.reason == "timeout" else "error") from None
-            if answer.status in (400, 422) and self._rung + 1 < len(self._ladder):
+            if _rejects_dialect(answer.status, answer.body) and self._rung + 1 < len(self._ladder):
                 self._rung += 1  # the upstream refused this dialect: remember and step down
                 continue
             if answer.status != 200:
@@ -196,6 +196,11 @@ class Prober:
     def _circuit_is_open(self) -> bool:
         """Open until the cool-down ends; then half-open: one failure re-opens it at once."""
         return self._open_until is not None and self.clock() < self._open_until
+
+
+def _rejects_dialect(status: int, body: bytes) -> bool:
+    """400/422 (OpenAI, vLLM), or llama-cpp-python's 500 whose validation error names response_format."""
+    return status in (400, 422) or (status >= 500 and b"response_format" in body)
 
 
 def _logprobs_of(body: bytes) -> Any:

@@ -1,0 +1,237 @@
+"""``refusal-guard up``: the bundled local model and the proxy in front of it, in one command.
+
+1. Starts ``python -m llama_cpp.server`` with SmolLM2-135M-Instruct on loopback
+   (``--model-port``, default 8000 if free, else any free port), model name ``smollm2``.
+2. Starts ``refusal-guard serve`` as a second process with ``--upstream`` set to that
+   server's ``/v1``; everything else resolves as usual (flags > env > ``--config`` > defaults).
+3. Waits until the proxy's ``/readyz`` answers 200, prints where to send requests, and
+   runs until Ctrl-C or SIGTERM, then stops the proxy (it drains) and the model server.
+
+Both children run in their own sessions, so a terminal's Ctrl-C reaches only this process,
+which then stops them in order. Their output goes to log files whose paths are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from pydantic import ValidationError
+
+from guard.local_model import (
+    MODEL_ALIAS,
+    LocalModelError,
+    LocalModelServer,
+    port_is_free,
+    stop_process,
+    tail,
+)
+from guard.settings import ENV_PREFIX, ConfigFileError, Settings, load_settings, read_config_file
+
+DEFAULT_MODEL_PORT = 8000
+# Settings whose proxy defaults do not suit the bundled model. They apply only when neither
+# a flag, the environment nor the config file sets them.
+LOCAL_DEFAULTS: dict[str, Any] = {
+    # llama-cpp-python's server answers `json_schema` with a 500; `json_object` + schema works.
+    "probe_structured_output": "json_object",
+    # One probe takes seconds on a small CPU (see docs/local-model.md); 2 s would time out.
+    "probe_timeout": 60.0,
+}
+
+
+def add_up_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "up",
+        help="run the bundled local model (SmolLM2-135M) and the proxy in front of it",
+        description=(__doc__ or "").split("\n\n")[0],
+    )
+    parser.add_argument("--host", default=None, help="proxy listen address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="proxy port (default 8080)")
+    parser.add_argument("--model-port", type=int, default=None,
+                        help=f"port of the local model server on 127.0.0.1 (default {DEFAULT_MODEL_PORT} if free)")
+    parser.add_argument("--model-path", type=Path, default=None,
+                        help="a GGUF file to serve instead of the bundled SmolLM2 (it is still called 'smollm2')")
+    parser.add_argument("--model-threads", type=int, default=None, help="llama.cpp threads (default: CPU count - 1, at least 1)")
+    parser.add_argument("--config", type=Path, default=os.environ.get("REFUSAL_GUARD_CONFIG"),
+                        help="YAML or TOML settings file for the proxy (env: REFUSAL_GUARD_CONFIG)")
+    parser.add_argument("--mode", choices=["sequential", "parallel", "shadow", "off"], default=None)
+    parser.add_argument("--policy", type=Path, default=None, help="policy JSON from `refusal-guard calibrate`")
+    parser.add_argument("--datapoints", type=Path, default=None, help="SQLite file for datapoints")
+    parser.add_argument("--probe-timeout", type=float, default=None,
+                        help=f"seconds (default here: {LOCAL_DEFAULTS['probe_timeout']:g}, the model is slow)")
+    parser.add_argument("--probe-structured-output", choices=["auto", "json_schema", "json_object", "none"],
+                        default=None, help="default here: json_object (what llama-cpp-python accepts)")
+    parser.add_argument("--log-dir", type=Path, default=None, help="where the two log files go (default: a temp dir)")
+    parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for both servers")
+    parser.set_defaults(func=run)
+
+
+class _Stop:
+    """Set by SIGINT/SIGTERM; the main loop polls it."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.signal = signum
+        self.event.set()
+
+
+def _proxy_flags(args: argparse.Namespace, upstream: str) -> dict[str, Any]:
+    """The settings ``up`` passes as flags: the upstream, what the user gave, local defaults."""
+    flags: dict[str, Any] = {"upstream": upstream}
+    for name in ("host", "port", "mode", "policy", "datapoints", "probe_timeout", "probe_structured_output"):
+        if getattr(args, name, None) is not None:
+            flags[name] = getattr(args, name)
+    file_values = read_config_file(args.config) if args.config else {}
+    for name, value in LOCAL_DEFAULTS.items():
+        if name not in flags and name not in file_values and ENV_PREFIX + name.upper() not in os.environ:
+            flags[name] = value
+    return flags
+
+
+def _serve_command(flags: dict[str, Any], config: Path | None) -> list[str]:
+    command = [sys.executable, "-m", "guard.cli", "serve"]
+    if config is not None:
+        command += ["--config", str(config)]
+    for name, value in flags.items():
+        command += ["--" + name.replace("_", "-"), str(value)]
+    return command
+
+
+def _banner(proxy_url: str, model_api: str, model_log: Path, proxy_log: Path) -> str:
+    base = proxy_url + "/v1"
+    return f"""
+refusal-guard is up.
+  proxy (send requests here)  {base}
+  model name                  {MODEL_ALIAS}
+  local model server          {model_api}   (SmolLM2-135M-Instruct via llama.cpp)
+  logs                        {proxy_log}
+                              {model_log}
+  health / metrics            {proxy_url}/readyz   {proxy_url}/metrics
+
+Try it:
+  curl -s {base}/chat/completions -H 'content-type: application/json' -d '{{"model": "{MODEL_ALIAS}", "messages": [{{"role": "user", "content": "Say hello"}}], "max_tokens": 32}}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="{base}", api_key="unused")
+  print(client.chat.completions.create(model="{MODEL_ALIAS}", max_tokens=32,
+        messages=[{{"role": "user", "content": "Say hello"}}]).choices[0].message.content)
+
+Press Ctrl-C to stop both.
+"""
+
+
+def _wait_proxy_ready(url: str, proxy: subprocess.Popen, log: Path, deadline: float, stop: _Stop) -> None:
+    with httpx.Client(timeout=5.0) as client:
+        while not stop.event.is_set():
+            code = proxy.poll()
+            if code is not None:
+                raise LocalModelError(f"the proxy exited with status {code} before it was ready; "
+                                      f"last lines of {log}:\n{tail(log)}")
+            try:
+                if client.get(url + "/readyz").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise LocalModelError(f"the proxy was not ready in time; last lines of {log}:\n{tail(log)}")
+            stop.event.wait(0.1)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the model server and the proxy, wait for a signal, stop both. Returns 0 on a clean stop."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness polls are not news
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="refusal-guard-up-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    model_log, proxy_log = log_dir / "llama-server.log", log_dir / "proxy.log"
+
+    if args.model_port is not None:
+        model_port: int | None = args.model_port
+    else:
+        model_port = DEFAULT_MODEL_PORT if port_is_free("127.0.0.1", DEFAULT_MODEL_PORT) else None
+    model = LocalModelServer(args.model_path, host="127.0.0.1", port=model_port, n_threads=args.model_threads,
+                             log_path=model_log)
+    # Resolve the proxy's settings now (upstream filled in below) so that a bad flag or config
+    # file fails before the slow model start; the port is only known once the model is up.
+    try:
+        flags = _proxy_flags(args, f"http://127.0.0.1:{model_port or DEFAULT_MODEL_PORT}/v1")
+        settings: Settings = load_settings(flags, args.config)
+    except (ValidationError, ConfigFileError) as exc:
+        print(f"refusal-guard up: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    if settings.port == 0:
+        print("refusal-guard up: give the proxy a fixed --port (0 is not supported here)", file=sys.stderr)
+        return 2
+    if not port_is_free(settings.host, settings.port):
+        print(f"refusal-guard up: proxy port {settings.host}:{settings.port} is already in use (try --port)",
+              file=sys.stderr)
+        return 2
+
+    stop = _Stop()
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    proxy: subprocess.Popen | None = None
+    status = 0
+    try:
+        deadline = time.monotonic() + args.startup_timeout
+        print(f"Starting the local model server (SmolLM2-135M-Instruct, log: {model_log}) ...", flush=True)
+        model.start(timeout=args.startup_timeout)
+        if not stop.event.is_set():
+            flags["upstream"] = model.api_url
+            print(f"Model server ready at {model.api_url}; starting the proxy (log: {proxy_log}) ...", flush=True)
+            with open(proxy_log, "ab") as log:
+                proxy = subprocess.Popen(_serve_command(flags, args.config), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+            host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+            proxy_url = f"http://{host}:{settings.port}"
+            _wait_proxy_ready(proxy_url, proxy, proxy_log, deadline, stop)
+        if not stop.event.is_set():
+            print(_banner(proxy_url, model.api_url, model_log, proxy_log), flush=True)
+        while proxy is not None and not stop.event.wait(0.5):
+            if (code := proxy.poll()) is not None:
+                print(f"refusal-guard up: the proxy exited with status {code}; last lines of {proxy_log}:\n"
+                      f"{tail(proxy_log)}", file=sys.stderr)
+                status = 1
+                break
+            if (code := model.poll()) is not None:
+                print(f"refusal-guard up: the model server exited with status {code}; last lines of {model_log}:\n"
+                      f"{tail(model_log)}", file=sys.stderr)
+                status = 1
+                break
+    except LocalModelError as exc:
+        print(f"refusal-guard up: {exc}", file=sys.stderr)
+        status = 1
+    finally:
+        if stop.event.is_set():
+            print("Stopping the proxy and the model server ...", flush=True)
+        if proxy is not None:
+            stop_process(proxy, grace=settings.shutdown_grace + 5)
+        model.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if status == 0:
+        print("Stopped.", flush=True)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m guard.up ...``: the same as ``refusal-guard up ...``."""
+    parser = argparse.ArgumentParser(prog="refusal-guard")
+    add_up_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["up", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
