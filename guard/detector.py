@@ -75,7 +75,7 @@ _TASK_VERB = (
 )
 # "I can't ... help", allowing a few words between ("I cannot in good conscience help").
 _DECLINE_FIRST_PERSON = (
-    rf"\b(?:i|we)\s?{_NEG_MODAL}\s+(?:\w+\s+){{0,3}}?{_TASK_VERB}\b"
+    rf"\b(?:i|we)\b ?{_NEG_MODAL}\s+(?:\w+\s+){{0,3}}?{_TASK_VERB}\b"
 )
 _DECLINE_FIXED = (
     r"\bi (?:must|have to|need to) (?:respectfully )?decline\b",

@@ -64,9 +64,10 @@ class LiveStats:
     def set_policy(self, policy: Policy | None) -> None:
         """Rebuild the drift tests against a new baseline (or none without a policy)."""
         self._policy = policy
+        for key, metric in self._drift:  # zero, not remove: multiprocess mode cannot remove series
+            self.metrics.drift_statistic.labels(key, metric).set(0)
+            self.metrics.drift_alarm.labels(key).set(0)
         self._drift.clear()
-        self.metrics.drift_statistic.clear()
-        self.metrics.drift_alarm.clear()
 
     def observe(self, topic: str, predicted_refuse: bool, refused: bool, confidence: int) -> None:
         correct = predicted_refuse == refused

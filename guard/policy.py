@@ -76,6 +76,8 @@ class PolicyStore:
         self.template_hash = template_hash
         self.metrics = metrics
         self.current = ActivePolicy(None, True, "no policy file configured: default rule")
+        self._exported_info: tuple[str, str, str] | None = None
+        self._exported_baseline: set[tuple[str, str]] = set()
         if path is not None:
             result = self.reload()
             if not result.ok:
@@ -103,15 +105,23 @@ class PolicyStore:
         return ReloadResult(True, self.current.note, self.current.version)
 
     def _export(self) -> None:
+        """Publish the policy in force. Old series are set to 0 / NaN rather than removed,
+        because prometheus-client's multiprocess mode cannot remove series."""
         active = self.current
-        self.metrics.policy_info.clear()
-        self.metrics.policy_info.labels(active.version, active.template, str(active.enforced).lower()).set(1)
-        self.metrics.policy_baseline.clear()
-        if active.policy is None:
-            return
-        summaries = {"all": active.policy.sdt, **{t: tp.sdt for t, tp in active.policy.topics.items()}}
-        for topic, sdt in summaries.items():
-            for statistic in ("d_prime", "criterion", "accuracy", "hit_rate", "false_alarm_rate"):
-                value = getattr(sdt, statistic, None)
-                if value is not None:
-                    self.metrics.policy_baseline.labels(topic, statistic).set(value)
+        if self._exported_info is not None:
+            self.metrics.policy_info.labels(*self._exported_info).set(0)
+        self._exported_info = (active.version, active.template, str(active.enforced).lower())
+        self.metrics.policy_info.labels(*self._exported_info).set(1)
+        values: dict[tuple[str, str], float] = {}
+        if active.policy is not None:
+            summaries = {"all": active.policy.sdt, **{t: tp.sdt for t, tp in active.policy.topics.items()}}
+            for topic, sdt in summaries.items():
+                for statistic in ("d_prime", "criterion", "accuracy", "hit_rate", "false_alarm_rate"):
+                    value = getattr(sdt, statistic, None)
+                    if value is not None:
+                        values[(topic, statistic)] = value
+        for key in self._exported_baseline - values.keys():
+            self.metrics.policy_baseline.labels(*key).set(float("nan"))
+        for key, value in values.items():
+            self.metrics.policy_baseline.labels(*key).set(value)
+        self._exported_baseline = set(values)

@@ -117,6 +117,14 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/") if value else value
 
+    @field_validator("upstream_api_key", "review_upstream_api_key", "admin_token", "judge_api_key", mode="before")
+    @classmethod
+    def _empty_secret_is_none(cls, value: Any) -> Any:
+        # An empty token must mean "not set", never "the empty string is the password".
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value
+
     @field_validator("topics", "api_keys", mode="before")
     @classmethod
     def _split_topics(cls, value: Any) -> Any:
@@ -127,12 +135,17 @@ class Settings(BaseSettings):
             return tuple(t.strip() for t in value.split(",") if t.strip())
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_keys(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        return tuple(k for k in value if k.get_secret_value().strip())
+
     @field_validator("topics")
     @classmethod
     def _topics_are_labels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for topic in value:
-            if not topic.replace("_", "").isalnum() or topic == "other":
-                raise ValueError(f"topic {topic!r} must be a plain word (letters, digits, _) and not 'other'")
+            if not topic.replace("_", "").isalnum() or topic in ("other", "all"):
+                raise ValueError(f"topic {topic!r} must be a plain word (letters, digits, _), not 'other' or 'all'")
         return value
 
 

@@ -112,7 +112,8 @@ def test_should_sample_is_deterministic_and_near_the_rate() -> None:
     first = [judge.should_sample(k) for k in keys]
     assert first == [judge.should_sample(k) for k in keys]
     # A second judge instance (another replica) makes the same choices.
-    assert first == [RefusalJudge(httpx.AsyncClient(), BASE, "m", sample_rate=0.05).should_sample(k) for k in keys]
+    replica = RefusalJudge(httpx.AsyncClient(), BASE, "m", sample_rate=0.05)
+    assert first == [replica.should_sample(k) for k in keys]
     assert 0.04 < sum(first) / len(keys) < 0.06
 
 

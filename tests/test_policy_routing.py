@@ -104,3 +104,8 @@ def test_unreadable_policy_at_start_is_an_error(tmp_path):
 
     with pytest.raises(PolicyError):
         PolicyStore(tmp_path / "missing.json", TEMPLATE_HASH, GuardMetrics(CollectorRegistry()))
+
+
+def test_an_empty_admin_token_means_disabled_not_an_empty_password(start_proxy):
+    r = httpx.post(start_proxy(admin_token="").url + "/admin/policy/reload")
+    assert r.status_code == 404
