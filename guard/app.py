@@ -14,6 +14,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
@@ -21,9 +22,9 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from guard.chat_request import parse_chat_request
+from guard.chat_request import ChatRequest, parse_chat_request
 from guard.detector import RefusalDetector
-from guard.errors import ProxyError, error_body
+from guard.errors import ProxyError, bad_request, error_body
 from guard.judge import RefusalJudge
 from guard.live import LiveStats
 from guard.metrics import GuardMetrics
@@ -39,6 +40,72 @@ from guard.settings import Settings
 from guard.upstream import Upstream, UpstreamFailure
 
 log = logging.getLogger("refusal_guard")
+
+# OpenAPI descriptions (``/openapi.json``) of what the handlers check themselves: the chat handler
+# reads the raw body (it forwards it byte for byte), so its schema is given here, exactly as strict
+# as ``guard.chat_request.parse_chat_request`` and no stricter (unknown fields are forwarded).
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {
+        "type": "object",
+        "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
+    }},
+}
+CHAT_REQUEST_SCHEMA = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object",
+            "required": ["role"],
+            "properties": {
+                "role": {"type": "string", "examples": ["system", "user", "assistant", "tool"]},
+                "content": {"anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {"type": "object", "properties": {
+                        "type": {"type": "string", "examples": ["text"]}, "text": {"type": "string"}}}},
+                    {"type": "null"},
+                ]},
+            },
+        }},
+        "stream": {"type": "boolean"},
+        "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    },
+}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(s): {"description": "Error in the OpenAI shape",
+                     "content": {"application/json": {"schema": _ERROR_SCHEMA}}} for s in statuses}
+
+
+CHAT_OPENAPI: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}}},
+    "responses": {
+        "200": {"description": "The upstream's completion (or the guard's block answer), whole or as SSE",
+                "content": {"application/json": {"schema": {"type": "object"}},
+                            "text/event-stream": {"schema": {"type": "string"}}}},
+        **_errors(400, 401, 413, 502, 504),
+    },
+}
+ADMIN_OPENAPI: dict[str, Any] = {
+    "responses": {"200": {"description": "Policy reloaded", "content": {"application/json": {"schema": {"type": "object"}}}},
+                  "422": {"description": "Policy kept: the new file is invalid",
+                          "content": {"application/json": {"schema": {"type": "object"}}}},
+                  **_errors(401, 404)},
+}
+METRICS_OPENAPI: dict[str, Any] = {
+    "responses": {"200": {"description": "Prometheus text format",
+                          "content": {"text/plain": {"schema": {"type": "string"}}}}},
+}
+READYZ_OPENAPI: dict[str, Any] = {
+    "responses": {"503": {"description": "Not ready: upstream unreachable or unhealthy, or draining",
+                          "content": {"application/json": {"schema": {"type": "object"}}}}},
+}
 
 
 @dataclass
@@ -89,12 +156,17 @@ def create_app(
                 loop = asyncio.get_running_loop()
                 loop.add_signal_handler(signal.SIGHUP, reload_policy, runtime)
                 stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(ValueError):  # main thread only (not a test's server thread)
+                    previous = chain_drain_signal(signum, runtime)
+                    if previous is not None:
+                        stack.callback(signal.signal, signum, previous)
             app.state.runtime = runtime
             yield
             runtime.draining = True
 
     app = FastAPI(title="refusal-guard", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(RequestContext, metrics=metrics)
+    app.add_middleware(RequestContext, metrics=metrics, max_header_bytes=settings.max_header_bytes)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -106,18 +178,18 @@ def create_app(
     async def _proxy_error(request: Request, exc: ProxyError) -> Response:
         return Response(exc.body(), status_code=exc.status, media_type="application/json")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
     async def chat_completions(request: Request) -> Response:
         runtime: Runtime = request.app.state.runtime
         try:
             check_api_key(request, runtime.settings)
-            chat = parse_chat_request(await read_body(request, runtime.settings.max_body_bytes))
+            chat = parse_body(await read_body(request, runtime.settings.max_body_bytes))
         except ProxyError:
             runtime.metrics.requests.labels("invalid", runtime.router.effective_mode().value).inc()
             raise
         return await runtime.router.handle(chat, request.headers, request_id_of(request.scope))
 
-    @app.post("/admin/policy/reload")
+    @app.post("/admin/policy/reload", openapi_extra=ADMIN_OPENAPI)
     async def admin_reload(request: Request) -> Response:
         runtime: Runtime = request.app.state.runtime
         check_admin_token(request, runtime.settings)
@@ -137,7 +209,7 @@ def create_app(
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"})
 
-    @app.get("/readyz")
+    @app.get("/readyz", openapi_extra=READYZ_OPENAPI)
     async def readyz(request: Request) -> Response:
         runtime: Runtime = request.app.state.runtime
         if runtime.draining:
@@ -148,11 +220,13 @@ def create_app(
             )
         except UpstreamFailure as failure:
             return JSONResponse({"status": "upstream unreachable", "reason": failure.reason}, status_code=503)
+        if runtime.draining:  # SIGTERM arrived while the upstream was being asked
+            return JSONResponse({"status": "draining"}, status_code=503)
         if answer.status >= 500:
             return JSONResponse({"status": "upstream unhealthy", "upstream_status": answer.status}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", openapi_extra=METRICS_OPENAPI)
     async def prometheus_metrics() -> Response:
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
@@ -162,6 +236,7 @@ def create_app(
 
 def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.AsyncClient) -> Runtime:
     """Wire the collaborators of one process from settings."""
+    metrics.initialise(settings.topics, tuple(dict.fromkeys((settings.mode.value, "shadow"))))
     upstream = Upstream(client, settings.upstream, api_key=settings.upstream_api_key, total_timeout=settings.total_timeout)
     review_upstream = (
         Upstream(client, settings.review_upstream, api_key=settings.review_upstream_api_key,
@@ -188,6 +263,30 @@ def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.Async
     router = Router(settings, upstream, review_upstream, prober, policies,
                     ReviewSink(client, settings.review_webhook, metrics), scorer)
     return Runtime(settings, metrics, upstream, router, policies)
+
+
+def chain_drain_signal(signum: int, runtime: Runtime) -> Any:
+    """Mark the runtime as draining on ``signum``, then run the handler that was there before.
+
+    uvicorn installs its own SIGTERM/SIGINT handlers (stop accepting, finish in-flight requests
+    within ``timeout_graceful_shutdown``, then run the lifespan shutdown, which flushes the
+    datapoint queue) before the lifespan starts. Wrapping them here makes ``/readyz`` answer
+    503 from the moment the signal arrives. Returns the previous handler, for restoring it.
+    """
+    previous = signal.getsignal(signum)
+
+    def on_signal(sig: int, frame: object) -> None:
+        if not runtime.draining:
+            runtime.draining = True
+            log.info("received %s: draining (readyz answers 503; in-flight requests finish)", signal.Signals(sig).name)
+        if callable(previous):
+            previous(sig, frame)
+        elif previous == signal.SIG_DFL:
+            signal.signal(sig, signal.SIG_DFL)
+            signal.raise_signal(sig)
+
+    signal.signal(signum, on_signal)
+    return previous
 
 
 def reload_policy(runtime: Runtime) -> ReloadResult:
@@ -219,6 +318,14 @@ def check_admin_token(request: Request, settings: Settings) -> None:
     token = (_bearer(request) or "").encode()
     if not hmac.compare_digest(token, settings.admin_token.get_secret_value().encode()):
         raise ProxyError(401, "missing or invalid admin token", code="invalid_admin_token")
+
+
+def parse_body(raw: bytes) -> ChatRequest:
+    """``parse_chat_request``, with JSON nested too deeply for the parser as a 400 (not a 500)."""
+    try:
+        return parse_chat_request(raw)
+    except RecursionError:
+        raise bad_request("request body is nested too deeply", code="invalid_json") from None
 
 
 async def read_body(request: Request, limit: int) -> bytes:

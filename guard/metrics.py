@@ -103,6 +103,29 @@ class GuardMetrics:
         )
         self.circuit_open = gauge("refusal_guard_probe_circuit_open", "1 while the probe circuit breaker is open.", [])
 
+    def initialise(self, topics: tuple[str, ...], modes: tuple[str, ...]) -> None:
+        """Create every bounded label combination at zero.
+
+        A series that first appears with a non-zero value loses that first value in
+        Prometheus' ``increase()``; starting each at 0 makes fleet-wide counts exact.
+        """
+        for topic in (*topics, "other"):
+            for predicted in ("refuse", "comply"):
+                for actual in ("refused", "complied"):
+                    self.outcomes.labels(topic, predicted, actual)
+            for confidence in "12345":
+                for correct in ("true", "false"):
+                    self.confidence_outcomes.labels(topic, confidence, correct)
+        for mode in modes:
+            for action in ("pass", "block", "review", "invalid"):
+                self.requests.labels(action, mode)
+        for reason in ("timeout", "error", "unparseable", "circuit_open"):
+            self.probe_failures.labels(reason)
+        for reason in ("connect", "timeout", "protocol", "status_4xx", "status_5xx"):
+            self.upstream_errors.labels(reason)
+        for result in ("hit", "miss", "shared"):
+            self.probe_cache.labels(result)
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text; merged across worker processes in multiprocess mode."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
