@@ -115,6 +115,7 @@ def run_export(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from calibration.cli import add_calibrate_parser
     from guard.classify import add_classify_parser
+    from guard.collect import add_collect_parser
     from guard.up import add_up_parser
 
     parser = argparse.ArgumentParser(prog="refusal-guard", description=__doc__.splitlines()[0])
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(subparsers)
     add_up_parser(subparsers)
     add_classify_parser(subparsers)
+    add_collect_parser(subparsers)
     add_calibrate_parser(subparsers)
     add_export_parser(subparsers)
     return parser

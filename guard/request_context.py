@@ -29,9 +29,10 @@ def request_id_of(scope: Scope) -> str:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, metrics: GuardMetrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: GuardMetrics, max_header_bytes: int | None = None) -> None:
         self.app = app
         self.metrics = metrics
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -39,11 +40,18 @@ class RequestContext:
             return
         started = time.perf_counter()
         incoming = _header(scope, b"x-request-id")
-        request_id = incoming if incoming and _CLIENT_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if incoming and _CLIENT_ID.match(incoming) else str(uuid.uuid4())
         scope.setdefault("state", {})["request_id"] = request_id
         route = ROUTES.get(scope["path"], "other")
         status = 500
         response_started = False
+        if self.max_header_bytes is not None and _head_size(scope) > self.max_header_bytes:
+            # uvicorn's h11 limit only bounds a head that arrives in several reads; this holds for any head.
+            body = error_body(f"request line and headers exceed the limit of {self.max_header_bytes} bytes",
+                              type="invalid_request_error", code="request_header_too_large")
+            await _send_json(send, 431, body, request_id)
+            self.metrics.http_requests.labels(route, "431").inc()
+            return
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, response_started
@@ -73,6 +81,19 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return value.decode("latin-1")
     return None
+
+
+def _head_size(scope: Scope) -> int:
+    """Bytes of the request line and headers, about as they came over the wire."""
+    size = len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string", b"")) + 16
+    return size + sum(len(k) + len(v) + 4 for k, v in scope.get("headers", []))
+
+
+async def _send_json(send: Any, status: int, body: bytes, request_id: str) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), (b"x-request-id", request_id.encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _send_internal_error(send: Any) -> None:
