@@ -461,6 +461,7 @@ async def collect(
     log: TextIO | None = None,
     progress: bool = True,
     http_client: httpx.AsyncClient | None = None,
+    responses: Path | str | None = None,
 ) -> CollectStats:
     """Run probe -> fresh generation -> detector for each prompt x repeat not yet in ``out``.
 
@@ -468,6 +469,8 @@ async def collect(
     ``stats.aborted`` says why the run stopped early (401/403/404 from the endpoint, or
     ``max_consecutive_failures`` failed items in a row), if it did. ``log`` (e.g. ``sys.stderr``) gets resume
     notes and, if ``progress``, the progress line; ``http_client`` is used instead of a fresh pooled client if given.
+    ``responses`` (opt-in: it holds prompt and answer text) gets one ``{request_id, id, prompt, response}`` line
+    per written datapoint, the input ``refusal-guard classify`` takes to re-label or audit a run.
     """
     if repeats < 1 or concurrency < 1:
         raise ValueError("repeats and concurrency must be at least 1")
@@ -504,14 +507,15 @@ async def collect(
         detector = RefusalDetector()
         out.parent.mkdir(parents=True, exist_ok=True)
         sink = stack.enter_context(out.open("a", encoding="utf-8"))
+        texts = stack.enter_context(Path(responses).open("a", encoding="utf-8")) if responses else None
         bar = _Progress(len(todo), log if progress else None, stats)
         stack.callback(bar.close)
         queue = iter(todo)
         consecutive = 0
         stop = asyncio.Event()
 
-        async def one(item: PromptItem, repeat: int) -> dict[str, Any] | str:
-            """The datapoint of one item, or the reason it failed."""
+        async def one(item: PromptItem, repeat: int) -> tuple[dict[str, Any], str] | str:
+            """The datapoint of one item and the answer's text, or the reason it failed."""
             t0 = time.perf_counter()
             request_id = _request_id(item, repeat)
             body = {"model": model, "messages": [{"role": "user", "content": item.prompt}],
@@ -561,7 +565,7 @@ async def collect(
                 "prompt_sha256": item.prompt_sha256,
             }
             assert tuple(record) == FIELDS
-            return record
+            return record, text
 
         async def worker() -> None:
             nonlocal consecutive
@@ -584,8 +588,13 @@ async def collect(
                         stop.set()
                 else:
                     consecutive = 0
+                    result, text = result
                     sink.write(json.dumps(result, ensure_ascii=False) + "\n")
                     sink.flush()
+                    if texts is not None:
+                        texts.write(json.dumps({"request_id": result["request_id"], "id": item.id,
+                                                "prompt": item.prompt, "response": text}, ensure_ascii=False) + "\n")
+                        texts.flush()
                     stats.written += 1
                     stats.probe_status[result["probe_status"]] += 1
                     stats.refused += bool(result["refused"])
@@ -662,6 +671,9 @@ def add_collect_parser(subparsers: Any) -> None:
     p.add_argument("--max-consecutive-failures", type=int, default=10,
                    help="stop after this many failed items in a row (default 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.add_argument("--responses", type=Path, default=None, metavar="FILE",
+                   help="also append {request_id, id, prompt, response} JSONL here (holds prompt and answer text; "
+                        "input for `refusal-guard classify`)")
     p.set_defaults(func=run)
 
 
@@ -702,7 +714,7 @@ def run(args: argparse.Namespace) -> int:
             probe_structured_output=args.probe_structured_output, probe_logprobs=args.probe_logprobs, probe_cache=args.probe_cache, topics=topics,
             strict_refusal=args.strict_refusal, retry=RetryPolicy(max_attempts=args.max_attempts),
             max_consecutive_failures=args.max_consecutive_failures,
-            log=err, progress=not args.no_progress,
+            log=err, progress=not args.no_progress, responses=args.responses,
         ))
     except KeyboardInterrupt:
         print(f"\ncollect: interrupted; finished items are in {args.out}, re-run the same command to resume",

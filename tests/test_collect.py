@@ -401,3 +401,23 @@ async def test_progress_line_has_rate_and_eta(upstream, script, tmp_path):
     lines = log.getvalue().splitlines()
     assert lines[-1].startswith("collect 20/20 (100%)") and "items/s" in lines[-1] and "ETA" in lines[-1]
     assert 2 <= len(lines) <= 11  # not a terminal: one line per ~10%, no carriage returns
+
+
+async def test_responses_file_feeds_classify(upstream, script, tmp_path):
+    from guard.classify import classify_jsonl
+    from guard.detector import RefusalDetector
+
+    prompts = read_prompts([head(EXAMPLES / "prompts.jsonl", tmp_path / "p.jsonl", 3)])
+    script.reply = REFUSAL
+    out, texts = tmp_path / "dp.jsonl", tmp_path / "responses.jsonl"
+    stats = await collect(prompts, endpoint=endpoint(upstream), model="m", out=out, retry=FAST, responses=texts,
+                          progress=False)
+    assert stats.written == 3
+    rows = lines_of(texts)
+    assert [r["request_id"] for r in rows] == [r["request_id"] for r in lines_of(out)]
+    assert all(r["response"] == REFUSAL and r["prompt"] for r in rows)
+    labelled = io.StringIO()
+    with texts.open() as inp:
+        classify_jsonl(inp, labelled, RefusalDetector(), err=io.StringIO())
+    assert [json.loads(line)["refused"] for line in labelled.getvalue().splitlines()] == [True] * 3
+    assert "prompt" not in lines_of(out)[0]  # the datapoints themselves stay text-free
