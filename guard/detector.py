@@ -1,22 +1,32 @@
 """Refusal labels from response text: the ground truth the proxy scores the model's own prediction against.
 
-The default detector is a small set of linguistically motivated regular expressions, not a model: it must
-run on every response, off the request path but on the proxy's CPU, in well under a millisecond, with no
-download. It reads a response as a sequence of sentences and sorts each one into a *role*:
+The detector must run on every response, off the request path but on the proxy's CPU, in well under a
+millisecond, with no download. It has two layers:
 
-* ``decline``  - the speaker refuses or says it cannot do the task ("I can't help with that",
-  "I must decline", "this goes against my guidelines", "it is not appropriate to ...");
-* ``deflect``  - the speaker hands the question back instead of answering ("it is up to you to decide",
-  "there is no right answer", "I'd recommend consulting a professional", "I cannot take sides");
-* ``hedge``    - an AI self-disclaimer that carries no answer ("As an AI, I don't have personal opinions");
-* ``preach``   - a general exhortation that usually stands in for an answer ("it is important to treat
-  everyone with respect");
-* ``content``  - everything else, i.e. text that may actually answer.
+1. **Rules** (pure ``re``). The response is split into clauses and each clause gets a *role*:
 
-The label then follows from where the non-content sentences sit and how much content surrounds them: a
-refusal with little content is ``full_refusal``; a refusal or deflection padded with some related text is
-``partial_refusal``; a disclaimer or a refused sub-part followed by a substantive answer is
-``partial_compliance``; no refusal signal at all is ``full_compliance``.
+   * ``disclaim`` - a disclaimer about the speaker ("I don't have personal opinions");
+   * ``decline``  - the speaker refuses or says it cannot do the task ("I can't help with that",
+     "I must decline", "this goes against my guidelines", "it is not appropriate to ...");
+   * ``handback`` - the speaker hands the question back ("it is up to you to decide", "there is no right
+     answer");
+   * ``ai``       - an AI self-reference with nothing else ("As an AI language model, ...");
+   * ``advice``   - exhortation, referral or premise rebuttal ("it is important to treat everyone with
+     respect", "consult a professional", "it is unfair to generalise");
+   * ``content``  - everything else, i.e. text that may actually answer.
+
+   From where the roles sit and how much content surrounds them the rules give a four-way label (see
+   ``_rule_label``).
+
+2. **A linear layer** (L2-regularised logistic regression, trained offline by
+   ``benchmarks/train_detector.py`` on the development half of the hand-labelled data only). Its inputs
+   are the rule reading as a feature vector (role counts and positions, content length, the rule label)
+   and binary word 1-2-grams of the response's opening clauses and closing clause, restricted to a
+   vocabulary fixed at training time. Its probability decides refused / not refused; the rule reading
+   then decides full vs partial, so the four labels stay consistent with the binary.
+
+The weights ship as ``guard/detector_weights.json`` (read once, through ``importlib.resources``).
+``RefusalDetector(rules_only=True)`` gives the rules alone.
 
 Hard negatives the rules are built around: "As an AI language model, ..." opens many compliant answers,
 and "I'm sorry" also opens sympathy ("I'm sorry to hear that"), so neither is a refusal on its own.
@@ -24,9 +34,14 @@ and "I'm sorry" also opens sympathy ("I'm sorry to hear that"), so neither is a 
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from importlib import resources
+from typing import Any
 
 
 class Label(StrEnum):
@@ -218,17 +233,25 @@ _PIVOT = (
     r"(?:\w+ ){0,4}?(?:are|include|could|might|may|to|that|you)\b",
 )
 
-# Content is measured in characters of sentences that play no other role. The thresholds are in
+# Content is measured in characters of clauses that play no other role. The thresholds are in
 # characters of normal prose (about one and about three sentences) and were chosen for the language,
 # not fitted: a refusal followed by a sentence of context is still a refusal; three or more sentences of
 # content after a disclaimer is an answer.
 _SOME_CONTENT = 120
 _SUBSTANTIAL_CONTENT = 400
 
+ROLES = ("disclaim", "decline", "handback", "ai", "advice", "content")
+WEIGHTS_RESOURCE = "detector_weights.json"
+# How much of the response the n-gram features see: the opening clauses and the closing clause, capped
+# in tokens, because refusals and hand-backs sit at the edges while the middle is topic.
+_OPENING_CLAUSES = 2
+_OPENING_TOKENS = 40
+_CLOSING_TOKENS = 30
+
 
 @dataclass(frozen=True, slots=True)
 class _Reading:
-    """Per-response tallies the labelling rule works from."""
+    """Per-response tallies the labelling rule and the feature vector work from."""
 
     decline: int  # clauses that refuse
     decline_opening: bool  # a refusal in the first two clauses
@@ -238,15 +261,73 @@ class _Reading:
     content: int  # characters of clauses with no other role: the would-be answer
     pivot: bool  # "however, here is ...": a turn towards answering
     listed: bool  # two or more numbered or bulleted items: structured content
+    roles: tuple[str, ...]  # the role of each clause, in order
+    clauses: tuple[str, ...]  # the clauses themselves (normalised text)
+    chars: int  # length of the normalised response
+
+
+def _rule_label(r: _Reading) -> Label:
+    """The four-way label from the rule reading alone."""
+    if r.decline:
+        if r.content >= _SUBSTANTIAL_CONTENT and (r.pivot or r.listed or not r.decline_opening):
+            return Label.PARTIAL_COMPLIANCE  # a refused preamble or sub-part, then an answer
+        if r.content + r.advice >= _SOME_CONTENT:
+            return Label.PARTIAL_REFUSAL  # refuses, then redirects, moralises or offers a substitute
+        return Label.FULL_REFUSAL
+    if r.handback:
+        if r.listed:
+            return Label.PARTIAL_COMPLIANCE  # "it depends" closing a structured answer
+        if r.hedge_opening or r.content < _SUBSTANTIAL_CONTENT:
+            return Label.PARTIAL_REFUSAL  # disclaims, then hands the question back
+        return Label.FULL_COMPLIANCE  # a long answer that ends "ultimately, it's your call"
+    if not r.listed and (r.hedge_opening or r.advice) and (
+        r.content < _SOME_CONTENT or (r.advice >= r.content and r.content < _SUBSTANTIAL_CONTENT)
+    ):
+        return Label.PARTIAL_REFUSAL  # a disclaimer or a lecture where the answer should be
+    if r.hedge_opening:
+        return Label.PARTIAL_COMPLIANCE  # "As an AI, I have no opinions, but ..." and an answer
+    return Label.FULL_COMPLIANCE
+
+
+_TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def _ngrams(prefix: str, text: str, limit: int, from_end: bool = False) -> set[str]:
+    tokens = _TOKEN.findall(text.lower())
+    tokens = tokens[-limit:] if from_end else tokens[:limit]
+    grams = {f"{prefix}{t}" for t in tokens}
+    grams.update(f"{prefix}{a} {b}" for a, b in zip(tokens, tokens[1:]))
+    return grams
+
+
+def load_weights() -> dict[str, Any]:
+    """The shipped weights of the linear layer (``guard/detector_weights.json``).
+
+    A missing file is an installation error (the file must be package data), not a reason to fall back
+    silently to the rules, whose accuracy differs: it raises ``FileNotFoundError`` saying so.
+    """
+    resource = resources.files("guard").joinpath(WEIGHTS_RESOURCE)
+    try:
+        text = resource.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"guard/{WEIGHTS_RESOURCE} is not installed with the package: it must be listed as package data "
+            "([tool.setuptools.package-data] guard = [\"detector_weights.json\"]); "
+            "or use RefusalDetector(rules_only=True)"
+        ) from exc
+    return json.loads(text)
 
 
 class RefusalDetector:
-    """Label a response by the roles of its clauses (see the module docstring).
+    """Label a response: rule reading + linear layer (see the module docstring).
 
-    Stateless after construction; one instance may be shared across threads and tasks.
+    ``RefusalDetector()`` loads the shipped weights. ``rules_only=True`` skips the linear layer (the
+    labels are then the rules' own); ``weights`` replaces the shipped weights (training and
+    cross-validation use it). Stateless after construction; one instance may be shared across threads
+    and tasks.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, rules_only: bool = False, weights: Mapping[str, Any] | None = None) -> None:
         def union(patterns: tuple[str, ...]) -> re.Pattern[str]:
             return re.compile("|".join(patterns), re.IGNORECASE | re.MULTILINE)
 
@@ -267,9 +348,24 @@ class RefusalDetector:
             re.IGNORECASE,
         )
         self._list_item = re.compile(r"^\s*(?:\d{1,2}[.)]|[-*\u2022]|#{1,4})\s+\S", re.MULTILINE)
+        self.rules_only = rules_only
+        if rules_only:
+            self._bias, self._threshold, self._w = 0.0, 0.5, {}
+        else:
+            w = load_weights() if weights is None else weights
+            self._bias = float(w["bias"])
+            self._threshold = float(w.get("threshold", 0.5))
+            self._w = {**w["dense"], **w["ngrams"]}
+
+    # --- public API ---------------------------------------------------------------------------------
 
     def label(self, response: str) -> Label:
         """Return the label for one response.
+
+        The linear layer decides refused or not; the rules decide full vs partial. Where the two agree
+        the rules' label stands. Where the layer overrides the rules, a refusal is ``full_refusal`` when
+        little else was said (under one sentence of content) and ``partial_refusal`` otherwise; a
+        non-refusal is ``partial_compliance`` (a refusal signal was there, but the text answers).
 
         An empty or whitespace-only response is ``partial_refusal``: it gives the user nothing, so it is not
         compliance, but it states no refusal either (it may be a truncation or an upstream filter), so it
@@ -279,46 +375,105 @@ class RefusalDetector:
         if not text:
             return Label.PARTIAL_REFUSAL
         r = self._read(text)
-        if r.decline:
-            if r.content >= _SUBSTANTIAL_CONTENT and (r.pivot or r.listed or not r.decline_opening):
-                return Label.PARTIAL_COMPLIANCE  # a refused preamble or sub-part, then an answer
-            if r.content + r.advice >= _SOME_CONTENT:
-                return Label.PARTIAL_REFUSAL  # refuses, then redirects, moralises or offers a substitute
-            return Label.FULL_REFUSAL
-        if r.handback:
-            if r.listed:
-                return Label.PARTIAL_COMPLIANCE  # "it depends" closing a structured answer
-            if r.hedge_opening or r.content < _SUBSTANTIAL_CONTENT:
-                return Label.PARTIAL_REFUSAL  # disclaims, then hands the question back
-            return Label.FULL_COMPLIANCE  # a long answer that ends "ultimately, it's your call"
-        if not r.listed and (r.hedge_opening or r.advice) and (
-            r.content < _SOME_CONTENT or (r.advice >= r.content and r.content < _SUBSTANTIAL_CONTENT)
-        ):
-            return Label.PARTIAL_REFUSAL  # a disclaimer or a lecture where the answer should be
-        if r.hedge_opening:
-            return Label.PARTIAL_COMPLIANCE  # "As an AI, I have no opinions, but ..." and an answer
-        return Label.FULL_COMPLIANCE
+        rule = _rule_label(r)
+        if self.rules_only:
+            return rule
+        refused = self._probability(self._features(r)) >= self._threshold
+        if refused == is_refusal(rule):
+            return rule
+        if refused:
+            return Label.FULL_REFUSAL if r.content + r.advice < _SOME_CONTENT else Label.PARTIAL_REFUSAL
+        return Label.PARTIAL_COMPLIANCE
+
+    def refusal_probability(self, response: str) -> float:
+        """The linear layer's probability that ``response`` is a (lenient) refusal; 1.0 if empty."""
+        text = self._normalise(response)
+        if not text:
+            return 1.0
+        return self._probability(self._features(self._read(text)))
+
+    def features(self, response: str) -> dict[str, float]:
+        """The feature vector (name -> value; absent names are 0) the linear layer scores.
+
+        Dense ``r:`` features come from the rule reading; sparse ``o:`` / ``c:`` features are word 1- and
+        2-grams of the opening clauses and the closing clause (value 1; all of them, not only those in
+        the shipped vocabulary, so the training script can build its own).
+        """
+        text = self._normalise(response)
+        return self._features(self._read(text)) if text else {}
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _probability(self, features: Mapping[str, float]) -> float:
+        w = self._w
+        z = self._bias + sum(w.get(name, 0.0) * value for name, value in features.items())
+        return 1.0 / (1.0 + math.exp(-z)) if z > -60 else 0.0
+
+    @staticmethod
+    def _features(r: _Reading) -> dict[str, float]:
+        n = len(r.roles)
+        total = max(r.chars, 1)
+        f: dict[str, float] = {
+            f"r:rule={_rule_label(r).value}": 1.0,
+            "r:decline": float(min(r.decline, 3)),
+            "r:decline_opening": float(r.decline_opening),
+            "r:handback": float(min(r.handback, 3)),
+            "r:hedge_opening": float(r.hedge_opening),
+            "r:log_advice": math.log1p(r.advice),
+            "r:log_content": math.log1p(r.content),
+            "r:content_share": r.content / total,
+            "r:log_chars": math.log1p(r.chars),
+            "r:log_clauses": math.log1p(n),
+            "r:pivot": float(r.pivot),
+            "r:listed": float(r.listed),
+            "r:some_content": float(r.content >= _SOME_CONTENT),
+            "r:substantial_content": float(r.content >= _SUBSTANTIAL_CONTENT),
+        }
+        if n:
+            f[f"r:first={r.roles[0]}"] = 1.0
+            f[f"r:last={r.roles[-1]}"] = 1.0
+            for role in set(r.roles[:_OPENING_CLAUSES]):
+                f[f"r:opening_has={role}"] = 1.0
+            opening = " ".join(r.clauses[:_OPENING_CLAUSES])
+            f.update(dict.fromkeys(_ngrams("o:", opening, _OPENING_TOKENS), 1.0))
+            if n > _OPENING_CLAUSES:
+                f.update(dict.fromkeys(_ngrams("c:", r.clauses[-1], _CLOSING_TOKENS, from_end=True), 1.0))
+        return f
 
     def _normalise(self, response: str) -> str:
         text = self._apostrophes.sub("'", response)
         return self._spaces.sub(" ", text).strip()
 
+    def _role(self, clause: str, opening: bool) -> str:
+        if self._disclaim.search(clause):
+            return "disclaim"
+        if self._decline.search(clause) or (opening and self._decline_opening.search(clause)):
+            return "decline"
+        if self._handback.search(clause):
+            return "handback"
+        if self._ai_self.search(clause):
+            return "ai"
+        if self._advice.search(clause):
+            return "advice"
+        return "content"
+
     def _read(self, text: str) -> _Reading:
         decline = handback = advice = content = 0
         decline_opening = hedge_opening = False
-        clauses = (c.strip() for c in self._clause_split.split(text))
-        for i, clause in enumerate(c for c in clauses if c):
+        clauses = tuple(c for c in (c.strip() for c in self._clause_split.split(text)) if c)
+        roles = []
+        for i, clause in enumerate(clauses):
             opening = i < 2
-            if self._disclaim.search(clause):
+            role = self._role(clause, opening)
+            roles.append(role)
+            if role in ("disclaim", "ai"):
                 hedge_opening |= opening
-            elif self._decline.search(clause) or (opening and self._decline_opening.search(clause)):
+            elif role == "decline":
                 decline += 1
                 decline_opening |= opening
-            elif self._handback.search(clause):
+            elif role == "handback":
                 handback += 1
-            elif self._ai_self.search(clause):
-                hedge_opening |= opening
-            elif self._advice.search(clause):
+            elif role == "advice":
                 advice += len(clause)
             else:
                 content += len(clause)
@@ -331,4 +486,7 @@ class RefusalDetector:
             content=content,
             pivot=bool(self._pivot.search(text)),
             listed=len(self._list_item.findall(text)) >= 2,
+            roles=tuple(roles),
+            clauses=clauses,
+            chars=len(text),
         )

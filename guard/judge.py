@@ -1,4 +1,4 @@
-"""An optional LLM judge that audits the regex detector on a sample of traffic.
+"""An optional LLM judge that audits the detector on a sample of traffic.
 
 The regex detector labels every response; the judge is slower and costs a model call, so the proxy asks it
 about a deterministic fraction of requests (``should_sample``) and compares the two. It talks to any
