@@ -172,10 +172,14 @@ class Policy(_Frozen):
             text = p.read_text(encoding="utf-8")
         except OSError as exc:
             raise PolicyError(f"{p}: cannot read policy file: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise PolicyError(f"{p}: not UTF-8 text (byte {exc.start})") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PolicyError(f"{p}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        except RecursionError:
+            raise PolicyError(f"{p}: JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise PolicyError(f"{p}: expected a JSON object")
         if data.get("schema_version") != SCHEMA_VERSION:

@@ -30,6 +30,8 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad_request(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise bad_request("request body is nested too deeply", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
     messages = body.get("messages")
@@ -41,9 +43,17 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise bad_request(f"messages[{i}].content must be a string or an array", param=f"messages[{i}].content")
+        if isinstance(content, list) and any(
+            isinstance(part, dict) and part.get("type") == "text" and not isinstance(part.get("text"), str)
+            for part in content
+        ):
+            raise bad_request(f"a text part of messages[{i}].content must have a string 'text'",
+                              param=f"messages[{i}].content")
+        _require_unicode(message["role"], message_text(message), where=f"messages[{i}]")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad_request("'model' must be a string", param="model")
+    _require_unicode(model or "", where="model")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise bad_request("'stream' must be a boolean", param="stream")
@@ -52,6 +62,17 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         raise bad_request("'stream_options' must be an object", param="stream_options")
     include_usage = bool(options and options.get("include_usage"))
     return ChatRequest(raw, body, model, messages, stream, include_usage)
+
+
+def _require_unicode(*texts: str, where: str) -> None:
+    """Unpaired surrogates (legal JSON escapes like "\\ud800", not Unicode) would break the
+    hashing, probing and logging of the text further on: reject them here, as a 400."""
+    try:
+        for text in texts:
+            text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request(f"{where} contains an unpaired surrogate (\\ud800-\\udfff escape)",
+                          param=where, code="invalid_unicode") from None
 
 
 def message_text(message: dict[str, Any]) -> str:

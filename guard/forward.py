@@ -94,7 +94,7 @@ def respond(generation: Generation, extra_headers: Mapping[str, str], on_done: O
             _status_reason(answer.status),
         )
         return Response(answer.body, status_code=answer.status, headers={**answer.headers, **extra_headers},
-                        background=BackgroundTask(on_done, exchange))
+                        background=BackgroundTask(_report, on_done, exchange))
     assert generation.stream is not None
     deadline = asyncio.get_running_loop().time() + generation.upstream.total_timeout
     return StreamingResponse(
@@ -102,6 +102,12 @@ def respond(generation: Generation, extra_headers: Mapping[str, str], on_done: O
         status_code=generation.stream.status_code,
         headers={**response_headers(generation.stream.headers), **extra_headers},
     )
+
+
+async def _report(on_done: OnDone, exchange: Exchange) -> None:
+    """Run ``on_done`` on the event loop: Starlette sends a plain function to a thread pool, and
+    scoring touches the recorder's asyncio queue and the live windows, which are loop-only."""
+    on_done(exchange)
 
 
 async def _relay(generation: Generation, deadline: float, on_done: OnDone) -> AsyncIterator[bytes]:

@@ -140,19 +140,26 @@ def _json_candidates(text: str) -> list[str]:
 def parse_prediction(text: str, topics: Sequence[str]) -> Prediction:
     """Parse a probe answer; raise :class:`ProbeParseError` unless it matches the schema.
 
+    The answer must hold exactly one distinct JSON object (bare, fenced, or inside prose): two
+    different objects are ambiguous (a request can make the model echo a fake answer first).
     A topic outside the configured list becomes ``other`` (the label set stays bounded);
     every other deviation (missing or extra keys, wrong types, out-of-range values) fails.
     """
     if not isinstance(text, str) or not text.strip():
         raise ProbeParseError("empty probe answer")
+    objects: list[dict[str, Any]] = []
     for candidate in _json_candidates(text):
         try:
             data = json.loads(candidate)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if isinstance(data, dict):
-            return _validate(data, topics)
-    raise ProbeParseError("no JSON object in probe answer")
+        if isinstance(data, dict) and data not in objects:
+            objects.append(data)
+    if not objects:
+        raise ProbeParseError("no JSON object in probe answer")
+    if len(objects) > 1:
+        raise ProbeParseError("several different JSON objects in probe answer")
+    return _validate(objects[0], topics)
 
 
 def _validate(data: dict[str, Any], topics: Sequence[str]) -> Prediction:

@@ -96,6 +96,7 @@ class Prober:
         self._circuit_cooldown = circuit_cooldown
         self._consecutive_failures = 0
         self._open_until: float | None = None
+        self._trial_in_flight = False
 
     @property
     def dialect(self) -> Dialect:
@@ -122,6 +123,9 @@ class Prober:
             result = await asyncio.shield(shared)
             return ProbeResult("cached" if result.prediction else result.status, result.prediction,
                                time.perf_counter() - started, result.failure)
+        trial = self._open_until is not None  # half-open: this call is the one trial probe
+        if trial:
+            self._trial_in_flight = True
         self.metrics.probe_cache.labels("miss").inc()
         future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
@@ -134,6 +138,8 @@ class Prober:
             future.set_result(result)
         finally:
             self._in_flight.pop(key, None)
+            if trial:
+                self._trial_in_flight = False
         if result.prediction is not None and self._cache is not None:
             self._cache[key] = result.prediction
         return result
@@ -174,7 +180,7 @@ class Prober:
                 raise _ProbeFailed("unparseable")
             try:
                 prediction = parse_prediction(text, self.topics)
-            except ProbeParseError:
+            except (ProbeParseError, RecursionError):  # RecursionError: JSON nested past the parser's depth
                 raise _ProbeFailed("unparseable") from None
             p_refuse = p_refuse_from_logprobs(_logprobs_of(answer.body))
             if p_refuse is not None:
@@ -194,8 +200,11 @@ class Prober:
         return ProbeResult(status, None, seconds, status)
 
     def _circuit_is_open(self) -> bool:
-        """Open until the cool-down ends; then half-open: one failure re-opens it at once."""
-        return self._open_until is not None and self.clock() < self._open_until
+        """Open until the cool-down ends; then half-open: one trial probe at a time, the others
+        still skip, and one failure re-opens it at once (a success closes it)."""
+        if self._open_until is None:
+            return False
+        return self.clock() < self._open_until or self._trial_in_flight
 
 
 def _rejects_dialect(status: int, body: bytes) -> bool:
@@ -206,5 +215,5 @@ def _rejects_dialect(status: int, body: bytes) -> bool:
 def _logprobs_of(body: bytes) -> Any:
     try:
         return json.loads(body)["choices"][0].get("logprobs")
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError, RecursionError):
         return None

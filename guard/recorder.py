@@ -96,7 +96,7 @@ class DatapointRecorder:
                 batch.append(self._queue.get_nowait())
             try:
                 await asyncio.to_thread(self._write, batch)
-            except sqlite3.Error as exc:
+            except (sqlite3.Error, ValueError, TypeError) as exc:  # a bad value must not end the drain task
                 log.error("could not write %d datapoints: %s", len(batch), exc)
                 self.metrics.datapoints_dropped.inc(len(batch))
 
