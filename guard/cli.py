@@ -74,6 +74,7 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout_keep_alive=int(settings.keepalive_timeout),
         timeout_graceful_shutdown=int(settings.shutdown_grace),
         h11_max_incomplete_event_size=settings.max_header_bytes,
+        limit_concurrency=settings.max_concurrency,
         log_level="info",
         access_log=False,  # access lines would carry paths and client addresses; metrics cover traffic
     )

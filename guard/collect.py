@@ -255,7 +255,6 @@ class _RetryingUpstream(Upstream):
         attempt = 0
         while True:
             attempt += 1
-            started = time.perf_counter()
             try:
                 answer = await super().request(method, path, headers=headers, content=content, timeout=per_attempt)
             except UpstreamFailure as failure:

@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     pool_max_connections: int = Field(default=512, ge=1)
     pool_max_keepalive: int = Field(default=128, ge=0)
     keepalive_timeout: float = Field(default=5.0, gt=0, description="Idle client connections are closed after this.")
+    max_concurrency: int | None = Field(
+        default=None, ge=1, description="Connections+requests served at once; beyond it, 503 (load shedding)."
+    )
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, description="Largest request head (line + headers).")
     shutdown_grace: float = Field(default=20.0, ge=0, description="Seconds in-flight requests get on SIGTERM.")
 

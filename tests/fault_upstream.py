@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import free_port
+from tests.servers import free_port, wait_http
 
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error",
                502: "Bad Gateway", 503: "Service Unavailable"}
@@ -330,21 +330,6 @@ ROOT = Path(__file__).resolve().parent.parent
 def clean_env() -> dict[str, str]:
     """This environment without refusal-guard or Prometheus multiprocess variables."""
     return {k: v for k, v in os.environ.items() if not k.startswith(("REFUSAL_GUARD_", "PROMETHEUS_"))}
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} did not answer within {timeout} s")
-        time.sleep(0.1)
 
 
 class ProxyProcess:

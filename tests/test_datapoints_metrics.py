@@ -22,7 +22,7 @@ from scipy.stats import norm
 from calibration.datapoints import FIELDS, read_datapoints
 from guard.app import create_app
 from guard.settings import Settings
-from tests.servers import ServerThread, free_port
+from tests.servers import ServerThread, free_port, wait_http
 
 REFUSAL = "I'm sorry, but I can't help with that request."
 COMPLIANCE = "Sure. Here is a clear explanation: the process has three steps, each described below in detail. " * 3
@@ -177,15 +177,7 @@ def test_two_workers_sum_counters_and_share_the_log(upstream, script, tmp_path):
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
         for i in range(40):
             # A fresh connection each time, so both workers take requests.
             r = httpx.post(url + "/v1/chat/completions",

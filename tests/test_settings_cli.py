@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -13,7 +12,7 @@ import openai
 import pytest
 
 from guard.settings import ConfigFileError, Mode, load_settings
-from tests.servers import free_port
+from tests.servers import free_port, wait_http
 
 
 @pytest.fixture
@@ -65,15 +64,7 @@ def test_serve_command_in_front_of_an_openai_compatible_server(upstream, script,
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "serve did not come up"
-            time.sleep(0.1)
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
         sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-x", max_retries=0)
         answer = sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
         assert answer.choices[0].message.content == script.reply
@@ -89,3 +80,29 @@ def test_serve_rejects_invalid_settings_with_exit_2(clean_env):
     done = subprocess.run([sys.executable, "-m", "guard.cli", "serve", "--upstream", "nope"], capture_output=True,
                           text=True, timeout=30)
     assert done.returncode == 2 and "invalid settings" in done.stderr
+
+
+def test_max_concurrency_sheds_load_with_503(upstream, script, tmp_path):
+    import concurrent.futures
+
+    script.stall = 1.0
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REFUSAL_GUARD_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "guard.cli", "serve", "--upstream", upstream.url + "/v1", "--port", str(port),
+         "--mode", "off", "--max-concurrency", "3", "--datapoints", str(tmp_path / "dp.sqlite3")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+
+        def call(i: int) -> int:
+            return httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=20,
+                              json={"model": "m", "messages": [{"role": "user", "content": f"c{i}"}]}).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            statuses = list(pool.map(call, range(8)))
+        assert statuses.count(200) >= 1 and statuses.count(503) >= 1
+        assert set(statuses) <= {200, 503}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
