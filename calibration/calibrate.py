@@ -33,11 +33,14 @@ from calibration.sdt import STAT_NAMES, bootstrap_counts, bootstrap_sdt_ci, sdt_
 from calibration.thresholds import SideThreshold, cp_lower, design_effect, ltt_threshold, risk_coverage, route
 
 __all__ = ["CalibrationError", "CalibrationResult", "CellStats", "calibrate", "calibrate_table",
-           "MIN_CELL_N", "MIN_CELL_PROMPTS"]
+           "MIN_CELL_N", "MIN_CELL_PROMPTS", "MIN_CLASS_N"]
 
 #: Cells below these sizes are marked ``small`` (their intervals are wide or unreliable).
 MIN_CELL_N = 30
 MIN_CELL_PROMPTS = 5
+#: Fewer trials than this in one class (refused / complied) and that class's rate, so d' and c,
+#: rest mostly on the log-linear correction's +0.5 (e.g. 0 hits of 6 still gives H = 0.07).
+MIN_CLASS_N = 10
 _CI_NAMES = STAT_NAMES + ("ece", "brier")
 _STATED = np.arange(1, 6) / 5.0
 
@@ -101,6 +104,18 @@ def _single(values: tuple[str, ...], given: str | None, what: str) -> str | None
     return values[0] if values else None
 
 
+def _split_template(ref: str | None, given_hash: str | None) -> tuple[str | None, str | None]:
+    """Datapoints record the probe as ``"<id>:<hash>"``; older ones as ``"<id>"`` alone.
+
+    An explicit ``--probe-template-hash`` wins; without either, the hash stays None and the proxy
+    will not enforce the policy (it cannot tell which probe wording it was fitted with).
+    """
+    if ref is None:
+        return None, given_hash
+    template_id, _, ref_hash = ref.partition(":")
+    return template_id, given_hash or ref_hash or None
+
+
 def _flag(n: int, n_prompts: int, counts: np.ndarray) -> tuple[bool, str | None]:
     h, m, fa, cr = (int(x) for x in counts)
     if n == 0:
@@ -112,6 +127,9 @@ def _flag(n: int, n_prompts: int, counts: np.ndarray) -> tuple[bool, str | None]
     elif fa + cr == 0:
         reasons.append("single class: the model always refused (false-alarm rate and d' are "
                        "undefined; shown with the log-linear prior)")
+    elif min(h + m, fa + cr) < MIN_CLASS_N:
+        few, which = (h + m, "refusal(s)") if h + m < fa + cr else (fa + cr, "compliance(s)")
+        reasons.append(f"only {few} {which} (< {MIN_CLASS_N}): d' and c rest mostly on the log-linear correction")
     if n < MIN_CELL_N:
         reasons.append(f"n={n} < {MIN_CELL_N}")
     if n_prompts < MIN_CELL_PROMPTS:
@@ -155,7 +173,8 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
             msg += f" ({table.skipped_summary()})"
         raise CalibrationError(msg)
     model = _single(table.models, model, "model")
-    probe_template = _single(table.probe_templates, probe_template, "probe template")
+    template_ref = _single(table.probe_templates, None if probe_template is None else probe_template, "probe template")
+    probe_template, probe_template_hash = _split_template(template_ref, probe_template_hash)
     rng = np.random.default_rng(seed)
     notes: list[str] = []
     if table.n_skipped:

@@ -51,7 +51,7 @@ from calibration.datapoints import FIELDS
 from guard.chat_request import parse_chat_request
 from guard.detector import RefusalDetector, is_refusal
 from guard.metrics import GuardMetrics
-from guard.probe import TEMPLATE_ID
+from guard.probe import TEMPLATE_REF
 from guard.prober import Prober, ProbeResult
 from guard.settings import DEFAULT_TOPICS
 from guard.sse import completion_text
@@ -373,7 +373,7 @@ def read_done(out: Path, *, model: str, err: TextIO | None = None) -> set[str]:
         rid = record.get("request_id")
         if not isinstance(rid, str) or not rid.startswith(REQUEST_ID_PREFIX):
             continue
-        if record.get("model") == model and record.get("probe_template") == TEMPLATE_ID:
+        if record.get("model") == model and record.get("probe_template") == TEMPLATE_REF:
             done.add(rid)
         else:
             other[(record.get("model"), record.get("probe_template"))] += 1
@@ -560,7 +560,7 @@ async def collect(
                 "upstream_ms": round(upstream_seconds * 1000, 3),
                 "total_ms": round((time.perf_counter() - t0) * 1000, 3),
                 "policy_version": None,
-                "probe_template": TEMPLATE_ID,
+                "probe_template": TEMPLATE_REF,
                 "prompt_sha256": item.prompt_sha256,
             }
             assert tuple(record) == FIELDS

@@ -39,6 +39,9 @@ Reply with only a JSON object with exactly these keys: \
 {{"will_refuse": <true|false>, "confidence": <1-5>, "harm_rating": <1-5>, "topic": "<topic>"}}"""
 
 TEMPLATE_HASH = hashlib.sha256(INSTRUCTIONS.encode()).hexdigest()[:16]
+#: What datapoints record as ``probe_template``: the id and the hash, so ``calibrate`` can write
+#: both into the policy and the proxy can tell whether a policy fits the running probe.
+TEMPLATE_REF = f"{TEMPLATE_ID}:{TEMPLATE_HASH}"
 
 Dialect = Literal["json_schema", "json_object", "none"]
 DIALECT_LADDER: tuple[Dialect, ...] = ("json_schema", "json_object", "none")

@@ -29,7 +29,7 @@ from guard.blocked import blocked_response
 from guard.chat_request import ChatRequest
 from guard.forward import Exchange, Generation, failed_exchange, generate, respond
 from guard.policy import Decision, PolicyStore
-from guard.probe import TEMPLATE_ID, probed_content
+from guard.probe import TEMPLATE_REF, probed_content
 from guard.prober import Prober, ProbeResult
 from guard.review import ReviewSink
 from guard.scoring import Scorer
@@ -126,7 +126,7 @@ class Router:
             "probe_status": probe.status,
             "probe_ms": round(probe.seconds * 1000, 3),
             "policy_version": self.policies.current.version,
-            "probe_template": TEMPLATE_ID,
+            "probe_template": TEMPLATE_REF,
             "prompt_sha256": prompt_sha,
         }
         if self.settings.log_prompts:

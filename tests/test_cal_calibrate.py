@@ -119,3 +119,11 @@ def test_thresholds_certify_on_easy_data_and_beat_nothing_on_hard():
     assert res2.policy.global_thresholds.block is None and res2.policy.global_thresholds.pass_ is None
     assert res2.operating_points["policy"]["coverage"] == 0.0
     assert math.isfinite(res2.risk_coverage["calibrated"]["aurc"])
+
+
+def test_a_class_with_few_trials_is_marked_small_even_in_a_large_cell():
+    from calibration.calibrate import MIN_CLASS_N, _flag
+
+    small, reason = _flag(600, 300, np.array([0, 6, 7, 587]))  # 0 hits of 6 refusals: d' > 0 only by the prior
+    assert small and "only 6 refusal(s)" in reason
+    assert _flag(600, 300, np.array([MIN_CLASS_N, 0, 7, 583])) == (False, None)

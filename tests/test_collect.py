@@ -11,7 +11,7 @@ import pytest
 
 from calibration.datapoints import FIELDS, read_datapoints
 from guard.collect import RetryPolicy, add_collect_parser, collect, read_done, read_prompts, run
-from guard.probe import TEMPLATE_ID
+from guard.probe import TEMPLATE_REF
 from tests.scripted_upstream import build_upstream
 from tests.servers import ServerThread
 
@@ -113,7 +113,7 @@ async def test_every_prompt_and_repeat_gives_one_record_in_the_proxy_schema(upst
         assert r["topic"] == row["topic"] and r["harm_level"] == row["harm_level"]  # the file's, not the probe's
         assert (r["will_refuse"], r["confidence"], r["harm_rating"]) == (True, 5, 3)
         assert r["probe_status"] == "ok" and r["label"] == "full_refusal" and r["refused"] is True
-        assert r["probe_template"] == TEMPLATE_ID and r["model"] == "m1"
+        assert r["probe_template"] == TEMPLATE_REF and r["model"] == "m1"
         assert r["request_id"].startswith("collect-") and r["request_id"].rsplit("-", 1)[1] in {"0", "1", "2"}
         assert all(isinstance(r[k], float) and r[k] >= 0 for k in ("probe_ms", "upstream_ms", "total_ms"))
         assert r["total_ms"] >= r["upstream_ms"]
@@ -128,7 +128,7 @@ async def test_every_prompt_and_repeat_gives_one_record_in_the_proxy_schema(upst
     assert script.of("probe")[0].json()["temperature"] == 0
     table = read_datapoints([out])
     assert table.n == 18 and len(table.prompt_ids) == 6 and table.refused.all() and table.will_refuse.all()
-    assert table.probe_templates == (TEMPLATE_ID,) and table.models == ("m1",)
+    assert table.probe_templates == (TEMPLATE_REF,) and table.models == ("m1",)
 
 
 async def test_probe_cache_reuses_the_prediction_and_topic_falls_back_to_the_probe(upstream, script, tmp_path):

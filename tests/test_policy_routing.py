@@ -109,3 +109,20 @@ def test_unreadable_policy_at_start_is_an_error(tmp_path):
 def test_an_empty_admin_token_means_disabled_not_an_empty_password(start_proxy):
     r = httpx.post(start_proxy(admin_token="").url + "/admin/policy/reload")
     assert r.status_code == 404
+
+
+def test_policy_from_the_proxys_own_log_is_enforced_without_flags(start_proxy, script, tmp_path):
+    """Datapoints carry "<template id>:<hash>", so calibrate needs no --probe-template-hash."""
+    db = tmp_path / "dp.sqlite3"
+    proxy = start_proxy(mode="sequential", datapoints=str(db))
+    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+    for i in range(4):
+        script.probe_reply = probe_says(False, 4, 1)
+        sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": f"log {i}"}])
+    proxy.stop()
+    result = calibrate([db], target_accuracy=0.9, confidence=0.9, n_boot=50)
+    assert (result.policy.probe_template, result.policy.probe_template_hash) == (TEMPLATE_ID, TEMPLATE_HASH)
+    policy_file = tmp_path / "policy.json"
+    result.policy.save(policy_file)
+    enforced = start_proxy(mode="sequential", policy=str(policy_file))
+    assert 'enforced="true"' in httpx.get(enforced.url + "/metrics").text
