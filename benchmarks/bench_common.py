@@ -187,3 +187,8 @@ def write_section(path: Path, name: str, text: str) -> None:
     else:
         updated = current.rstrip() + "\n\n" + block + "\n"
     path.write_text(updated, encoding="utf-8")
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so the finally blocks stop the processes a run started."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (  # noqa: E402
     REPO,
+    exit_on_sigterm,
     free_port,
     git_revision,
     machine_facts,
@@ -106,15 +107,8 @@ class Driver:
         await asyncio.gather(*(worker() for _ in range(self.concurrency)))
 
 
-def _exit_on_sigterm() -> None:
-    # Turn SIGTERM into SystemExit so the finally blocks stop the processes this run started.
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-
 def main() -> int:
-    _exit_on_sigterm()
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--requests", type=int, default=100_000)

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (  # noqa: E402
     REPO,
+    exit_on_sigterm,
     cpu_seconds,
     free_port,
     git_revision,
@@ -391,15 +392,8 @@ def report(results: list[dict], args, facts: dict, ours: dict, theirs: dict | No
     return "\n".join(lines)
 
 
-def _exit_on_sigterm() -> None:
-    # Turn SIGTERM into SystemExit so the finally blocks stop the processes this run started.
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-
 def main() -> int:
-    _exit_on_sigterm()
+    exit_on_sigterm()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--rates", default="100,200,500,1000")

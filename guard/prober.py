@@ -180,7 +180,7 @@ class Prober:
                 raise _ProbeFailed("unparseable")
             try:
                 prediction = parse_prediction(text, self.topics)
-            except (ProbeParseError, RecursionError):  # RecursionError: JSON nested past the parser's depth
+            except ProbeParseError:
                 raise _ProbeFailed("unparseable") from None
             p_refuse = p_refuse_from_logprobs(_logprobs_of(answer.body))
             if p_refuse is not None:
