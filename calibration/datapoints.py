@@ -157,18 +157,6 @@ class DatapointTable:
         h.update("\x1e".join(self.topics).encode())
         return h.hexdigest()
 
-    def subset(self, mask: np.ndarray) -> "DatapointTable":
-        """Rows where ``mask`` is true (codes and vocabularies are kept)."""
-        return DatapointTable(
-            prompt=self.prompt[mask], prompt_ids=self.prompt_ids, topic=self.topic[mask],
-            topics=self.topics, harm_level=self.harm_level[mask],
-            will_refuse=self.will_refuse[mask], confidence=self.confidence[mask],
-            harm_rating=self.harm_rating[mask], refused=self.refused[mask], models=self.models,
-            probe_templates=self.probe_templates, skipped=dict(self.skipped),
-            skipped_examples=dict(self.skipped_examples), unknown_fields=self.unknown_fields,
-            n_read=self.n_read,
-        )
-
     def skipped_summary(self) -> str:
         """A one-paragraph human summary of skipped rows (empty string if none)."""
         if not self.skipped:

@@ -247,7 +247,6 @@ class _RetryingUpstream(Upstream):
         self.policy = policy
         self.attempt_timeout = attempt_timeout
         self.stats = stats
-        self.last_attempt_seconds = 0.0
 
     async def request(self, method: str, path: str, *, headers: Any, content: bytes | None = None,
                       timeout: float | None = None) -> UpstreamResponse:

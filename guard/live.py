@@ -29,7 +29,6 @@ from calibration.sdt import sdt_from_counts
 from guard.metrics import GuardMetrics
 
 ALL = "all"
-DRIFT_METRICS = ("accuracy", "refusal_rate")
 
 
 @dataclass
@@ -105,8 +104,3 @@ class LiveStats:
             self.metrics.drift_statistic.labels(key, metric).set(test.statistic)
             alarm = alarm or test.alarm
         self.metrics.drift_alarm.labels(key).set(1 if alarm else 0)
-
-    def counts(self, key: str) -> tuple[int, int, int, int]:
-        """(hits, misses, false alarms, correct rejections) in the window, for tests and debugging."""
-        window = self._windows.get(key)
-        return tuple(int(x) for x in window.cells) if window else (0, 0, 0, 0)  # type: ignore[return-value]

@@ -15,7 +15,6 @@ class ContentCollector:
     def __init__(self) -> None:
         self._pending = b""
         self._parts: list[str] = []
-        self.finish_reason: str | None = None
         self.saw_done = False
         self.error: dict | None = None
 
@@ -47,8 +46,6 @@ class ContentCollector:
             delta = choice.get("delta") or {}
             if isinstance(delta, dict) and isinstance(delta.get("content"), str):
                 self._parts.append(delta["content"])
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
 
     @property
     def text(self) -> str:
