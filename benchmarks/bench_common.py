@@ -156,9 +156,23 @@ def versions(names: list[str], python: str | None = None) -> dict[str, str]:
     return json.loads(res.stdout) if res.returncode == 0 else {n: "?" for n in names}
 
 
+def python_loop_seconds(n: int = 10_000_000) -> float:
+    """Seconds this interpreter takes for ``n`` additions in a loop: a rough speed of the machine's
+    cores, so that figures from runs on different machines can be compared (best of three)."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        total = 0
+        for i in range(n):
+            total += i
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def machine_facts() -> dict[str, str]:
     return {
         "nproc": str(os.cpu_count()),
+        "python_loop": f"{python_loop_seconds():.2f} s for 10M loop additions",
         "cpu": cpu_model(),
         "memory": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f} GiB",
         "kernel": platform.release(),

@@ -62,7 +62,7 @@ P99_LIMIT_MS = 50.0
 API_KEY = "sk-rgbench-4f8a2c9e7b1d6035a9e4c7f2b8d1e6a3"
 GUARD_MODES = ("off", "shadow", "sequential", "parallel")
 ALL_SYSTEMS = ("direct", *(f"guard-{m}" for m in GUARD_MODES), "litellm")
-OUR_PACKAGES = ["fastapi", "starlette", "uvicorn", "httpx", "httpcore", "h11", "anyio", "pydantic",
+OUR_PACKAGES = ["fastapi", "starlette", "uvicorn", "httpx", "aiohttp", "pydantic",
                 "prometheus-client", "uvloop", "httptools"]
 LITELLM_PACKAGES = ["litellm", "fastapi", "uvicorn", "httpx", "aiohttp", "uvloop", "httptools", "orjson"]
 
@@ -218,9 +218,10 @@ def run_overhead(args, upstream_port: int, upstream_pid: int, workdir: Path, res
         try:
             system.start()
             for stream in streams:
-                # Direct calls also at the rates a slower system may be measured at when it fails the lowest one.
-                rates = ([r for r in (args.rates[0] / 4, args.rates[0] / 2) if r >= 25] + args.rates
-                         if name == "direct" else args.rates)
+                # Direct calls, and the guard with the probe off, also at the lower rates where a slower system
+                # (LiteLLM) is measured when it fails the lowest one, so that both are compared at the same rates.
+                low = [r for r in (args.rates[0] / 4, args.rates[0] / 2) if r >= 25]
+                rates = low + args.rates if name in ("direct", "guard-off") else args.rates
                 for i, rate in enumerate(rates):
                     r = run_level(system, rate, stream, args, upstream_pid)
                     if r["foreign_cores"] > args.noisy and args.retry_noisy:
@@ -362,7 +363,8 @@ def report(results: list[dict], args, facts: dict, ours: dict, theirs: dict | No
              f"{args.guard_label or git_revision(Path(args.guard_root))}.", "",
              "Command:", "", "```", command, "```", "",
              f"Machine: {facts['nproc']} cores ({facts['cpu']}), {facts['memory']} RAM, Linux {facts['kernel']}, "
-             f"Python {facts['python']}. Everything (load generator, upstream, proxy) ran on this machine.", "",
+             f"Python {facts['python']} ({facts['python_loop']}: a rough speed of this machine's cores, for comparing "
+             "runs on different machines). Everything (load generator, upstream, proxy) ran on this machine.", "",
              "Our environment: " + ", ".join(f"{k} {v}" for k, v in ours.items()) + ".",
              ("LiteLLM's venv: " + ", ".join(f"{k} {v}" for k, v in theirs.items()) + ".") if theirs else "", "",
              "Setup:", "",

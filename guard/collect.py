@@ -55,6 +55,7 @@ from guard.probe import TEMPLATE_REF
 from guard.prober import Prober, ProbeResult
 from guard.settings import DEFAULT_TOPICS
 from guard.sse import completion_text
+from guard.transport import pooled_client
 from guard.upstream import Upstream, UpstreamFailure, UpstreamResponse
 
 __all__ = [
@@ -487,10 +488,8 @@ async def collect(
         return stats
 
     async with contextlib.AsyncExitStack() as stack:
-        client = http_client or await stack.enter_async_context(httpx.AsyncClient(
-            timeout=httpx.Timeout(None, connect=10.0),
-            limits=httpx.Limits(max_connections=2 * concurrency + 2, max_keepalive_connections=2 * concurrency + 2),
-            follow_redirects=False,
+        client = http_client or await stack.enter_async_context(pooled_client(
+            timeout=httpx.Timeout(None, connect=10.0), max_connections=2 * concurrency + 2, keepalive_expiry=4.0,
         ))
         base = Upstream(client, endpoint, api_key=SecretStr(api_key) if api_key else None)
         probe_upstream = _RetryingUpstream(base, retry, probe_timeout, stats)

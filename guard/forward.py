@@ -128,6 +128,8 @@ async def _relay(generation: Generation, deadline: float, on_done: OnDone) -> As
             error = "status_5xx"
         elif error is None and not collector.saw_done:
             error = "truncated"  # the client went away, or the upstream ended without [DONE]
-        on_done(Exchange(generation.stream.status_code if error is None else 502,
-                         collector.text if error is None else None,
-                         time.perf_counter() - generation.started, error))
+        exchange = Exchange(generation.stream.status_code if error is None else 502,
+                            collector.text if error is None else None,
+                            time.perf_counter() - generation.started, error)
+        # The response's end is sent once this generator returns; score after that, not before.
+        asyncio.get_running_loop().call_soon(on_done, exchange)

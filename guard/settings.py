@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     read_timeout: float = Field(default=120.0, gt=0, description="Longest silence between upstream bytes.")
     total_timeout: float = Field(default=600.0, gt=0, description="Longest a whole upstream exchange may take.")
     pool_max_connections: int = Field(default=512, ge=1)
-    pool_max_keepalive: int = Field(default=128, ge=0)
+    pool_keepalive_expiry: float = Field(default=4.0, gt=0, description=(
+        "Idle upstream connections are closed after this; keep it below the upstream's own idle timeout."))
     keepalive_timeout: float = Field(default=5.0, gt=0, description="Idle client connections are closed after this.")
     max_concurrency: int | None = Field(
         default=None, ge=1, description="Connections+requests served at once; beyond it, 503 (load shedding)."
