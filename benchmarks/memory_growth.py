@@ -184,7 +184,7 @@ def main() -> int:
     lines = ["## Memory growth (`benchmarks/memory_growth.py`)", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')}; guard code: {args.guard_label or git_revision(Path(args.guard_root))}; "
              f"{(time.monotonic() - started) / 60:.1f} minutes.", "", "Command:", "", "```", command, "```", "",
-             f"Machine: {machine_facts()}; " + ", ".join(f"{k} {v}" for k, v in versions(["fastapi", "uvicorn", "httpx", "aiohttp"]).items()) + ".", "",
+             "Machine: " + ", ".join(f"{k} {v}" for k, v in machine_facts().items()) + "; " + ", ".join(f"{k} {v}" for k, v in versions(["fastapi", "uvicorn", "httpx", "aiohttp"]).items()) + ".", "",
              f"`refusal-guard serve --mode {args.mode}` (probe cache on, default size 10,000, TTL 600 s; datapoints to a "
              f"temporary SQLite file) in front of `fast_upstream.py` (generation {args.gen_ms:g} ms, probe {args.probe_ms:g} ms); "
              f"a closed-loop driver with {args.concurrency} keep-alive connections; every prompt unique (every probe a cache miss). "

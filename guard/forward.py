@@ -132,4 +132,7 @@ async def _relay(generation: Generation, deadline: float, on_done: OnDone) -> As
                             collector.text if error is None else None,
                             time.perf_counter() - generation.started, error)
         # The response's end is sent once this generator returns; score after that, not before.
-        asyncio.get_running_loop().call_soon(on_done, exchange)
+        try:
+            asyncio.get_running_loop().call_soon(on_done, exchange)
+        except RuntimeError:  # finalised outside the loop (interpreter shutdown): score now, lose nothing
+            on_done(exchange)

@@ -1,21 +1,24 @@
 """The process's pooled HTTP client: httpx's API over aiohttp's connection pool.
 
 Why not httpx's own transport: the proxy makes one or two upstream calls per request, and
-httpx's default stack (httpcore + anyio + h11) spent about 2.2 ms of CPU per call on the
-project's 2-core machine against 0.7 ms for httpx over this transport (BENCHMARKS.md,
+httpx's default stack (httpcore + anyio + h11) spent 1.9-2.7 ms of CPU per call on the
+project's 2-core machine against 0.65-1.0 ms for httpx over this transport (BENCHMARKS.md,
 "Upstream client"). httpcore's pool also scans every connection for every queued request, so
-a backlog made each request slower than the last. aiohttp's pool hands out connections in
-constant time and parses responses in C.
+a backlog made each request slower than the last and an overloaded worker collapsed. aiohttp's
+pool hands out connections in constant time and parses responses in C.
 
-Everything else keeps httpx's interface (requests, streamed responses, timeouts, errors),
-so callers do not change. aiohttp's errors are mapped onto httpx's exception classes with the
+Everything else keeps httpx's interface (requests, streamed responses, timeouts, errors), so
+callers do not change. aiohttp's errors are mapped onto httpx's exception classes with the
 meaning the proxy's failure reasons need: could not connect, timed out, or broken exchange.
+Proxies from the environment (``HTTPS_PROXY``...) are still honoured: httpx routes such URLs
+through its own proxy transport, so they work as before, without the saving.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.cookiejar
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
@@ -109,6 +112,12 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
 
 def pooled_client(*, timeout: httpx.Timeout, max_connections: int, keepalive_expiry: float) -> httpx.AsyncClient:
-    """The one way the guard builds an HTTP client (proxy, judge, review webhook, collect)."""
+    """The one way the guard builds an HTTP client (proxy, judge, review webhook, collect).
+
+    The client is shared by every request the process serves, so it must keep no cookies: a
+    ``Set-Cookie`` from the upstream in one user's answer would otherwise ride along on every
+    later request, whoever sent it (httpx's client keeps a jar by default).
+    """
     transport = AiohttpTransport(max_connections=max_connections, keepalive_expiry=keepalive_expiry)
-    return httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=False)
+    no_cookies = http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+    return httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=False, cookies=no_cookies)
