@@ -1,8 +1,8 @@
 """The process's pooled HTTP client: httpx's API over aiohttp's connection pool.
 
 Why not httpx's own transport: the proxy makes one or two upstream calls per request, and
-httpx's default stack (httpcore + anyio + h11) spent 1.9-2.7 ms of CPU per call on the
-project's 2-core machine against 0.65-1.0 ms for httpx over this transport (BENCHMARKS.md,
+httpx's default stack (httpcore + anyio + h11) spent three times the CPU per call of httpx
+over this transport on the project's 2-core machine (1.94 vs 0.63 ms, BENCHMARKS.md,
 "Upstream client"). httpcore's pool also scans every connection for every queued request, so
 a backlog made each request slower than the last and an overloaded worker collapsed. aiohttp's
 pool hands out connections in constant time and parses responses in C.
