@@ -230,7 +230,9 @@ def create_app(
         return JSONResponse({"status": "ready"})
 
     @app.get("/metrics", openapi_extra=METRICS_OPENAPI)
-    async def prometheus_metrics() -> Response:
+    async def prometheus_metrics(request: Request) -> Response:
+        runtime: Runtime = request.app.state.runtime
+        runtime.router.scorer.live.flush()  # this worker's window gauges, exact at scrape time
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 

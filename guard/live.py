@@ -10,6 +10,11 @@ Drift compares each topic's stream with the loaded policy's baseline using
 checking after every request does not inflate its false-alarm rate). Two rates are tested:
 prediction accuracy and the model's actual refusal rate. A new policy resets the tests.
 
+The counts change with every observation, but the gauges are recomputed from them at most once
+per ``export_interval`` per topic, and on ``flush`` (the ``/metrics`` handler calls it before
+rendering): recomputing d', c and ECE on every request cost about 0.5 ms of CPU per request, 8%
+of the guard's work in sequential mode, for values that are only read at scrape time.
+
 With several uvicorn workers each worker keeps its own window; the gauges are exported in
 prometheus-client's ``mostrecent`` multiprocess mode. Fleet-wide figures come from the
 counters through the recording rules in ``deploy/prometheus``.
@@ -17,7 +22,9 @@ counters through the recording rules in ``deploy/prometheus``.
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,11 +59,16 @@ class _Window:
 
 
 class LiveStats:
-    def __init__(self, metrics: GuardMetrics, *, window_size: int, drift_alpha: float) -> None:
+    def __init__(self, metrics: GuardMetrics, *, window_size: int, drift_alpha: float, export_interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.metrics = metrics
         self.window_size = window_size
         self.drift_alpha = drift_alpha
+        self.export_interval = export_interval
+        self._clock = clock
         self._windows: dict[str, _Window] = {}
+        self._exported_at: dict[str, float] = {}
+        self._stale: set[str] = set()  # windows whose gauges lag their counts
         self._drift: dict[tuple[str, str], DriftTest] = {}
         self._policy: Policy | None = None
 
@@ -71,13 +83,27 @@ class LiveStats:
     def observe(self, topic: str, predicted_refuse: bool, refused: bool, confidence: int) -> None:
         correct = predicted_refuse == refused
         cell = (0 if predicted_refuse else 1) if refused else (2 if predicted_refuse else 3)
+        now = self._clock()
         for key in (topic, ALL):
             window = self._windows.get(key)
             if window is None:
                 window = self._windows[key] = _Window(self.window_size)
             window.add(cell, confidence, correct)
-            self._export(key, window)
+            if key not in self._exported_at or now - self._exported_at[key] >= self.export_interval:
+                self._exported_at[key] = now
+                self._stale.discard(key)
+                self._export(key, window)
+            else:
+                self._stale.add(key)
             self._drift_update(key, correct, refused)
+
+    def flush(self) -> None:
+        """Bring every window's gauges up to date with its counts."""
+        now = self._clock()
+        for key in self._stale:
+            self._exported_at[key] = now
+            self._export(key, self._windows[key])
+        self._stale.clear()
 
     def _export(self, key: str, window: _Window) -> None:
         h, m, fa, cr = (int(x) for x in window.cells)
