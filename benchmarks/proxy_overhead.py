@@ -9,7 +9,9 @@ service times), then for each system under test starts it against that same upst
 drives it with ``benchmarks/loadgen.py`` (an open-loop generator in its own process,
 latency measured from each request's scheduled send time) at 100, 200, 500 and 1000
 requests/s, non-streamed and streamed, stopping a system's escalation at the first rate
-it does not sustain (sustained = no errors and p99 under 50 ms). A second part measures
+it does not sustain (sustained = no errors and p99 under 50 ms). Direct calls and the guard
+with the probe off also run at 25 and 50 requests/s, where LiteLLM is measured when it fails
+100, so the two proxies are compared at the same rates. A second part measures
 the probe's cost with distinct, known service times (probe 20 ms, generation 50 ms):
 probe alone, generation alone (direct), and the guard in off, sequential and parallel mode.
 
