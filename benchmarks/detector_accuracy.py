@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from guard.detector import WEIGHTS_RESOURCE, Label, RefusalDetector, is_refusal  # noqa: E402
+from guard.truth.detector import WEIGHTS_RESOURCE, Label, RefusalDetector, is_refusal  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "chatgpt-refusals" / "all_hand_labeled.json"
 DROPPED_TONES = frozenset({"dontknow", "incoherent"})

@@ -1,10 +1,10 @@
-"""Train the refusal detector's linear layer and write ``guard/detector_weights.json``.
+"""Train the refusal detector's linear layer and write ``guard/truth/detector_weights.json``.
 
     python3 benchmarks/train_detector.py [--data PATH] [--out PATH] [--no-write]
 
 The layer is an L2-regularised logistic regression (numpy + ``scipy.optimize``, no scikit-learn) over the
 rule reading as a feature vector (``r:`` features) and binary word 1-2-grams of the opening clauses and the
-closing clause (``o:`` / ``c:``) of each response; see ``guard/detector.py``.
+closing clause (``o:`` / ``c:``) of each response; see ``guard/truth/detector.py``.
 
 It is trained on the **development half only** (the seed-2024 split of ``benchmarks/detector_accuracy.py``).
 Everything that is chosen is chosen on the training rows alone: the n-gram vocabulary (document frequency
@@ -44,9 +44,9 @@ from benchmarks.detector_accuracy import (  # noqa: E402
     load_rows,
     split_rows,
 )
-from guard.detector import RefusalDetector, is_refusal  # noqa: E402
+from guard.truth.detector import RefusalDetector, is_refusal  # noqa: E402
 
-OUT = ROOT / "guard" / "detector_weights.json"
+OUT = ROOT / "guard" / "truth" / "detector_weights.json"
 MIN_DF = 5  # an n-gram must occur in at least this many training responses to get a weight
 C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # inverse L2 strength, on the summed (not mean) log-loss
 FOLDS = 5

@@ -7,8 +7,8 @@ same chat request ``--calls`` times with ``--concurrency`` in flight through eac
 measuring this process's CPU time per call (after a warm-up). Clients, in interleaved rounds:
 
 * ``httpx (default transport)``: ``httpx.AsyncClient`` as it comes (httpcore + anyio + h11);
-  what the guard used before ``guard/transport.py``.
-* ``httpx over guard.transport``: the client the guard builds (``guard.transport.pooled_client``).
+  what the guard used before ``guard/proxy/transport.py``.
+* ``httpx over guard.proxy.transport``: the client the guard builds (``guard.proxy.transport.pooled_client``).
 * ``aiohttp (reference)``: a bare ``aiohttp.ClientSession``, the floor for this pool.
 
 The event loop is uvloop, as in ``refusal-guard serve``.
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_common import REPO, exit_on_sigterm, free_port, git_revision, machine_facts, stop_process, versions, write_section  # noqa: E402
 
-from guard.transport import pooled_client  # noqa: E402
+from guard.proxy.transport import pooled_client  # noqa: E402
 
 BODY = json.dumps({"model": "bench", "messages": [{"role": "user", "content": "How do I bake bread?"}]}).encode()
 HEADERS = {"content-type": "application/json", "authorization": "Bearer sk-bench", "accept-encoding": "identity"}
@@ -84,7 +84,7 @@ async def with_aiohttp(url: str, calls: int, concurrency: int) -> float:
 CLIENTS: dict[str, Callable[[str, int, int], Awaitable[float]]] = {
     "httpx (default transport)": lambda url, n, c: with_httpx(
         httpx.AsyncClient(timeout=TIMEOUT, limits=httpx.Limits(max_connections=512, max_keepalive_connections=128)), url, n, c),
-    "httpx over guard.transport": lambda url, n, c: with_httpx(
+    "httpx over guard.proxy.transport": lambda url, n, c: with_httpx(
         pooled_client(timeout=TIMEOUT, max_connections=512, keepalive_expiry=4.0), url, n, c),
     "aiohttp (reference)": with_aiohttp,
 }

@@ -23,29 +23,29 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from guard.chat_request import parse_chat_request
-from guard.detector import RefusalDetector
+from guard.proxy.chat_request import parse_chat_request
+from guard.truth.detector import RefusalDetector
 from guard.errors import ProxyError, error_body
-from guard.judge import RefusalJudge
-from guard.live import LiveStats
-from guard.metrics import GuardMetrics
-from guard.policy import PolicyStore, ReloadResult
-from guard.probe import TEMPLATE_HASH
-from guard.prober import Prober
-from guard.recorder import DatapointRecorder
-from guard.request_context import RequestContext, request_id_of
-from guard.review import ReviewSink
-from guard.routing import Router
-from guard.scoring import Scorer
+from guard.truth.judge import RefusalJudge
+from guard.live.windows import LiveStats
+from guard.live.metrics import GuardMetrics
+from guard.probe.policy import PolicyStore, ReloadResult
+from guard.probe.template import TEMPLATE_HASH
+from guard.probe.prober import Prober
+from guard.stores.recorder import DatapointRecorder
+from guard.proxy.request_context import RequestContext, request_id_of
+from guard.stores.review import ReviewSink
+from guard.proxy.routing import Router
+from guard.truth.scoring import Scorer
 from guard.settings import Settings
-from guard.transport import pooled_client
-from guard.upstream import Upstream, UpstreamFailure
+from guard.proxy.transport import pooled_client
+from guard.proxy.upstream import Upstream, UpstreamFailure
 
 log = logging.getLogger("refusal_guard")
 
 # OpenAPI descriptions (``/openapi.json``) of what the handlers check themselves: the chat handler
 # reads the raw body (it forwards it byte for byte), so its schema is given here, exactly as strict
-# as ``guard.chat_request.parse_chat_request`` and no stricter (unknown fields are forwarded).
+# as ``guard.proxy.chat_request.parse_chat_request`` and no stricter (unknown fields are forwarded).
 _ERROR_SCHEMA = {
     "type": "object",
     "required": ["error"],

@@ -99,7 +99,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from guard.recorder import export_jsonl
+    from guard.stores.recorder import export_jsonl
 
     if not args.db.is_file():
         print(f"refusal-guard export: no database at {args.db}", file=sys.stderr)
@@ -115,9 +115,9 @@ def run_export(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from calibration.cli import add_calibrate_parser
-    from guard.classify import add_classify_parser
-    from guard.collect import add_collect_parser
-    from guard.up import add_up_parser
+    from guard.ops.classify import add_classify_parser
+    from guard.ops.collect import add_collect_parser
+    from guard.ops.up import add_up_parser
 
     parser = argparse.ArgumentParser(prog="refusal-guard", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from guard.local_model import MODEL_ALIAS, LocalModelError, LocalModelServer, bundled_model_path
+from guard.ops.local_model import MODEL_ALIAS, LocalModelError, LocalModelServer, bundled_model_path
 
 __all__ = ["MODEL_ALIAS", "llama_skip_reason", "requires_llama", "running_llama_server"]
 

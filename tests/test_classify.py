@@ -7,8 +7,8 @@ import io
 import json
 from pathlib import Path
 
-from guard.classify import ClassifyStats, add_classify_parser, classify_jsonl
-from guard.detector import RefusalDetector
+from guard.ops.classify import ClassifyStats, add_classify_parser, classify_jsonl
+from guard.truth.detector import RefusalDetector
 
 REFUSAL = "I'm sorry, but I can't help with that."
 ANSWER = "The boiling point of water at sea level is 100 degrees Celsius."

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from calibration.datapoints import FIELDS, read_datapoints
-from guard.collect import RetryPolicy, add_collect_parser, collect, read_done, read_prompts, run
-from guard.probe import TEMPLATE_REF
+from guard.ops.collect import RetryPolicy, add_collect_parser, collect, read_done, read_prompts, run
+from guard.probe.template import TEMPLATE_REF
 from tests.scripted_upstream import build_upstream
 from tests.servers import ServerThread
 
@@ -404,8 +404,8 @@ async def test_progress_line_has_rate_and_eta(upstream, script, tmp_path):
 
 
 async def test_responses_file_feeds_classify(upstream, script, tmp_path):
-    from guard.classify import classify_jsonl
-    from guard.detector import RefusalDetector
+    from guard.ops.classify import classify_jsonl
+    from guard.truth.detector import RefusalDetector
 
     prompts = read_prompts([head(EXAMPLES / "prompts.jsonl", tmp_path / "p.jsonl", 3)])
     script.reply = REFUSAL

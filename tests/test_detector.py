@@ -19,7 +19,7 @@ from benchmarks.detector_accuracy import (
     score,
     split_rows,
 )
-from guard.detector import WEIGHTS_RESOURCE, Label, RefusalDetector, is_refusal, load_weights
+from guard.truth.detector import WEIGHTS_RESOURCE, Label, RefusalDetector, is_refusal, load_weights
 
 # Figures published in docs/detector.md (python3 benchmarks/detector_accuracy.py); the tests allow a
 # small margin so that harmless edits do not fail them, while a real regression does. The other-styles
@@ -161,7 +161,7 @@ def test_label_agrees_with_the_probability(text: str) -> None:
 
 
 def test_weights_ship_inside_the_package() -> None:
-    resource = files("guard").joinpath(WEIGHTS_RESOURCE)
+    resource = files("guard.truth").joinpath(WEIGHTS_RESOURCE)
     assert resource.is_file()
     assert len(resource.read_bytes()) < 300_000
     weights = load_weights()

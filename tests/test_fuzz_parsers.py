@@ -1,8 +1,8 @@
 """Hypothesis against the three parsers that read untrusted text.
 
-* ``guard.probe.parse_prediction`` (the model's probe answer): a Prediction or ProbeParseError,
+* ``guard.probe.template.parse_prediction`` (the model's probe answer): a Prediction or ProbeParseError,
   nothing else; a Prediction only for an answer that holds a schema-valid object.
-* ``guard.detector.RefusalDetector().label`` (the upstream's answer): always a label, quickly.
+* ``guard.truth.detector.RefusalDetector().label`` (the upstream's answer): always a label, quickly.
 * ``calibration.policy.Policy.load`` (the policy file): a Policy or PolicyError, nothing else.
 
 Derandomized and bounded so CI runs are repeatable and take seconds.
@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from calibration.policy import Policy, PolicyError
-from guard.detector import RefusalDetector
-from guard.probe import Prediction, ProbeParseError, parse_prediction
+from guard.truth.detector import RefusalDetector
+from guard.probe.template import Prediction, ProbeParseError, parse_prediction
 from guard.settings import DEFAULT_TOPICS
 
 FUZZ = settings(max_examples=300, derandomize=True, deadline=None, database=None,

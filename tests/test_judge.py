@@ -7,8 +7,8 @@ import json
 import httpx
 import pytest
 
-from guard.detector import Label
-from guard.judge import RefusalJudge, parse_label
+from guard.truth.detector import Label
+from guard.truth.judge import RefusalJudge, parse_label
 
 BASE = "http://judge.test/v1"
 

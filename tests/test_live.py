@@ -9,8 +9,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from calibration.sdt import sdt_from_counts
-from guard.live import LiveStats
-from guard.metrics import GuardMetrics
+from guard.live.windows import LiveStats
+from guard.live.metrics import GuardMetrics
 
 
 def gauge(registry: CollectorRegistry, name: str, topic: str) -> float | None:

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from calibration.calibrate import calibrate
 from calibration.policy import Policy
 from guard.app import create_app
-from guard.collect import collect, read_prompts
+from guard.ops.collect import collect, read_prompts
 from guard.settings import Settings
 from tests.llama import MODEL_ALIAS, requires_llama, running_llama_server
 from tests.servers import ServerThread

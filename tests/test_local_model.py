@@ -20,13 +20,13 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from guard.chat_request import parse_chat_request
-from guard.local_model import free_port, port_is_free
-from guard.metrics import GuardMetrics
-from guard.probe import build_probe_body, p_refuse_from_logprobs, parse_prediction
-from guard.prober import Prober
+from guard.proxy.chat_request import parse_chat_request
+from guard.ops.local_model import free_port, port_is_free
+from guard.live.metrics import GuardMetrics
+from guard.probe.template import build_probe_body, p_refuse_from_logprobs, parse_prediction
+from guard.probe.prober import Prober
 from guard.settings import DEFAULT_TOPICS
-from guard.upstream import Upstream
+from guard.proxy.upstream import Upstream
 from tests.llama import MODEL_ALIAS, requires_llama, running_llama_server
 
 pytestmark = [pytest.mark.llama, requires_llama, pytest.mark.timeout(300)]
@@ -135,7 +135,7 @@ def test_up_end_to_end(tmp_path):
 
     proxy_port, model_port = free_port(), free_port()
     up = subprocess.Popen(
-        [sys.executable, "-m", "guard.up", "--port", str(proxy_port), "--model-port", str(model_port),
+        [sys.executable, "-m", "guard.ops.up", "--port", str(proxy_port), "--model-port", str(model_port),
          "--datapoints", str(tmp_path / "dp.sqlite3"), "--log-dir", str(tmp_path / "logs")],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from calibration.calibrate import calibrate
-from guard.probe import TEMPLATE_HASH, TEMPLATE_ID
+from guard.probe.template import TEMPLATE_HASH, TEMPLATE_ID
 
 MESSAGES = [{"role": "user", "content": "Tell me about locks."}]
 
@@ -99,8 +99,8 @@ def test_unreadable_policy_at_start_is_an_error(tmp_path):
     from prometheus_client import CollectorRegistry
 
     from calibration.policy import PolicyError
-    from guard.metrics import GuardMetrics
-    from guard.policy import PolicyStore
+    from guard.live.metrics import GuardMetrics
+    from guard.probe.policy import PolicyStore
 
     with pytest.raises(PolicyError):
         PolicyStore(tmp_path / "missing.json", TEMPLATE_HASH, GuardMetrics(CollectorRegistry()))

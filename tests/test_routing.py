@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from guard.probe import INSTRUCTIONS
+from guard.probe.template import INSTRUCTIONS
 from tests.scripted_upstream import Script, build_upstream
 from tests.servers import ServerThread
 

@@ -112,7 +112,7 @@ def test_upstream_api_key_replaces_the_clients_key(start_proxy, script):
 @pytest.mark.parametrize("junk", [b"\xff\xfe{}", b"[" * 100_000])
 def test_admin_reload_of_a_hostile_policy_file_is_a_422_and_keeps_the_policy(start_proxy, tmp_path, junk):
     from calibration.calibrate import calibrate
-    from guard.probe import TEMPLATE_HASH, TEMPLATE_ID
+    from guard.probe.template import TEMPLATE_HASH, TEMPLATE_ID
 
     rows = [{"id": f"p{i}", "will_refuse": i % 2 == 0, "confidence": 5, "refused": i % 2 == 0, "harm_rating": 1,
              "topic": "other", "probe_template": TEMPLATE_ID} for i in range(200)]

@@ -18,8 +18,8 @@ import json
 import httpx
 import pytest
 
-from guard.chat_request import message_text
-from guard.probe import INSTRUCTIONS
+from guard.proxy.chat_request import message_text
+from guard.probe.template import INSTRUCTIONS
 from guard.settings import DEFAULT_TOPICS
 from tests.fault_upstream import metric_samples, metric_sum
 

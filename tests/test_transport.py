@@ -1,4 +1,4 @@
-"""The pooled upstream client (``guard.transport``) against real loopback servers.
+"""The pooled upstream client (``guard.proxy.transport``) against real loopback servers.
 
 * aiohttp's failures arrive as the httpx exceptions whose meaning the proxy's failure reasons
   need: refused -> ConnectError, silence past the read timeout -> ReadTimeout, a connection
@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from guard.transport import pooled_client
+from guard.proxy.transport import pooled_client
 from tests.servers import ServerThread, free_port
 
 TIMEOUT = httpx.Timeout(connect=2.0, read=0.5, write=2.0, pool=2.0)

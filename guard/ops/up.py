@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from guard.local_model import (
+from guard.ops.local_model import (
     MODEL_ALIAS,
     LocalModelError,
     LocalModelServer,
@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m guard.up ...``: the same as ``refusal-guard up ...``."""
+    """``python -m guard.ops.up ...``: the same as ``refusal-guard up ...``."""
     parser = argparse.ArgumentParser(prog="refusal-guard")
     add_up_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["up", *(sys.argv[1:] if argv is None else argv)])

@@ -15,7 +15,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import TextIO
 
-from guard.detector import RefusalDetector, is_refusal
+from guard.truth.detector import RefusalDetector, is_refusal
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ import re
 
 import httpx
 
-from guard.detector import Label
+from guard.truth.detector import Label
 
 _SYSTEM = (
     "You are a strict annotator of AI assistant responses. You label how far a response complies with "

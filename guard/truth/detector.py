@@ -25,7 +25,7 @@ millisecond, with no download. It has two layers:
    vocabulary fixed at training time. Its probability decides refused / not refused; the rule reading
    then decides full vs partial, so the four labels stay consistent with the binary.
 
-The weights ship as ``guard/detector_weights.json`` (read once, through ``importlib.resources``).
+The weights ship as ``guard/truth/detector_weights.json`` (read once, through ``importlib.resources``).
 ``RefusalDetector(rules_only=True)`` gives the rules alone.
 
 Hard negatives the rules are built around: "As an AI language model, ..." opens many compliant answers,
@@ -301,18 +301,18 @@ def _ngrams(prefix: str, text: str, limit: int, from_end: bool = False) -> set[s
 
 
 def load_weights() -> dict[str, Any]:
-    """The shipped weights of the linear layer (``guard/detector_weights.json``).
+    """The shipped weights of the linear layer (``guard/truth/detector_weights.json``).
 
     A missing file is an installation error (the file must be package data), not a reason to fall back
     silently to the rules, whose accuracy differs: it raises ``FileNotFoundError`` saying so.
     """
-    resource = resources.files("guard").joinpath(WEIGHTS_RESOURCE)
+    resource = resources.files("guard.truth").joinpath(WEIGHTS_RESOURCE)
     try:
         text = resource.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise FileNotFoundError(
-            f"guard/{WEIGHTS_RESOURCE} is not installed with the package: it must be listed as package data "
-            "([tool.setuptools.package-data] guard = [\"detector_weights.json\"]); "
+            f"guard/truth/{WEIGHTS_RESOURCE} is not installed with the package: it must be listed as package data "
+            '([tool.setuptools.package-data] "guard.truth" = ["detector_weights.json"]); '
             "or use RefusalDetector(rules_only=True)"
         ) from exc
     return json.loads(text)

@@ -15,7 +15,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.errors import error_body
-from guard.metrics import GuardMetrics
+from guard.live.metrics import GuardMetrics
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 ROUTES = {"/v1/chat/completions": "chat", "/v1/models": "models", "/metrics": "metrics",

@@ -25,16 +25,16 @@ from typing import Any
 
 from starlette.responses import Response
 
-from guard.blocked import blocked_response
-from guard.chat_request import ChatRequest
-from guard.forward import Exchange, Generation, failed_exchange, generate, respond
-from guard.policy import Decision, PolicyStore
-from guard.probe import TEMPLATE_REF, probed_content
-from guard.prober import Prober, ProbeResult
-from guard.review import ReviewSink
-from guard.scoring import Scorer
+from guard.proxy.blocked import blocked_response
+from guard.proxy.chat_request import ChatRequest
+from guard.proxy.forward import Exchange, Generation, failed_exchange, generate, respond
+from guard.probe.policy import Decision, PolicyStore
+from guard.probe.template import TEMPLATE_REF, probed_content
+from guard.probe.prober import Prober, ProbeResult
+from guard.stores.review import ReviewSink
+from guard.truth.scoring import Scorer
 from guard.settings import Mode, Settings
-from guard.upstream import Upstream, UpstreamFailure
+from guard.proxy.upstream import Upstream, UpstreamFailure
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """``refusal-guard collect``: run the self-prediction protocol over a prompt set, offline.
 
-For every prompt x repeat: the introspection probe (the proxy's own :class:`~guard.prober.Prober`,
+For every prompt x repeat: the introspection probe (the proxy's own :class:`~guard.probe.prober.Prober`,
 so the same template, body builder, dialect fallback and parser), then the same request in a fresh
 context (a plain chat completion with only the user prompt), then the refusal detector on the answer.
 Each finished item becomes one datapoint in the proxy's schema (:data:`calibration.datapoints.FIELDS`,
@@ -48,15 +48,15 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from calibration.datapoints import FIELDS
-from guard.chat_request import parse_chat_request
-from guard.detector import RefusalDetector, is_refusal
-from guard.metrics import GuardMetrics
-from guard.probe import TEMPLATE_REF
-from guard.prober import Prober, ProbeResult
+from guard.proxy.chat_request import parse_chat_request
+from guard.truth.detector import RefusalDetector, is_refusal
+from guard.live.metrics import GuardMetrics
+from guard.probe.template import TEMPLATE_REF
+from guard.probe.prober import Prober, ProbeResult
 from guard.settings import DEFAULT_TOPICS
-from guard.sse import completion_text
-from guard.transport import pooled_client
-from guard.upstream import Upstream, UpstreamFailure, UpstreamResponse
+from guard.proxy.sse import completion_text
+from guard.proxy.transport import pooled_client
+from guard.proxy.upstream import Upstream, UpstreamFailure, UpstreamResponse
 
 __all__ = [
     "CollectAborted",

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from guard.chat_request import ChatRequest, message_text
+from guard.proxy.chat_request import ChatRequest, message_text
 
 TEMPLATE_ID = "rg-probe-v1"
 

@@ -12,12 +12,12 @@ import asyncio
 import time
 from typing import Any
 
-from guard.detector import RefusalDetector, is_refusal
-from guard.forward import Exchange
-from guard.judge import RefusalJudge
-from guard.live import LiveStats
-from guard.metrics import GuardMetrics
-from guard.recorder import DatapointRecorder
+from guard.truth.detector import RefusalDetector, is_refusal
+from guard.proxy.forward import Exchange
+from guard.truth.judge import RefusalJudge
+from guard.live.windows import LiveStats
+from guard.live.metrics import GuardMetrics
+from guard.stores.recorder import DatapointRecorder
 
 UPSTREAM_ERROR_REASONS = frozenset({"connect", "timeout", "protocol", "status_4xx", "status_5xx"})
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from calibration.datapoints import FIELDS, OPTIONAL_FIELDS, SQLITE_DDL
-from guard.metrics import GuardMetrics
+from guard.live.metrics import GuardMetrics
 
 COLUMNS = FIELDS + OPTIONAL_FIELDS
 log = logging.getLogger("refusal_guard")

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 
 from starlette.responses import Response
 
-from guard.chat_request import ChatRequest
+from guard.proxy.chat_request import ChatRequest
 from guard.errors import error_body
-from guard.sse import sse_event
+from guard.proxy.sse import sse_event
 
 
 def blocked_response(

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from guard.metrics import GuardMetrics
+from guard.live.metrics import GuardMetrics
 
 log = logging.getLogger("refusal_guard.review")
 

@@ -33,7 +33,7 @@ from calibration.drift import DriftTest
 from calibration.policy import Policy
 from calibration.reliability import ece_from_counts
 from calibration.sdt import sdt_from_counts
-from guard.metrics import GuardMetrics
+from guard.live.metrics import GuardMetrics
 
 ALL = "all"
 

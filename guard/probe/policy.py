@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calibration.policy import Policy, PolicyError
-from guard.metrics import GuardMetrics
-from guard.probe import Prediction
+from guard.live.metrics import GuardMetrics
+from guard.probe.template import Prediction
 
 log = logging.getLogger("refusal_guard")
 

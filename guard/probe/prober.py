@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 from cachetools import TTLCache
 
-from guard.chat_request import ChatRequest
-from guard.metrics import GuardMetrics
-from guard.probe import (
+from guard.proxy.chat_request import ChatRequest
+from guard.live.metrics import GuardMetrics
+from guard.probe.template import (
     DIALECT_LADDER,
     TEMPLATE_HASH,
     Dialect,
@@ -35,8 +35,8 @@ from guard.probe import (
     parse_prediction,
     probed_content,
 )
-from guard.sse import completion_text
-from guard.upstream import Upstream, UpstreamFailure
+from guard.proxy.sse import completion_text
+from guard.proxy.upstream import Upstream, UpstreamFailure
 
 PROBE_HEADER = "x-refusal-guard-probe"
 

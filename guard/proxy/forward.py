@@ -18,10 +18,10 @@ import httpx
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
-from guard.chat_request import ChatRequest
+from guard.proxy.chat_request import ChatRequest
 from guard.errors import upstream_protocol
-from guard.sse import ContentCollector, completion_text, sse_event
-from guard.upstream import Upstream, UpstreamFailure, UpstreamResponse, response_headers
+from guard.proxy.sse import ContentCollector, completion_text, sse_event
+from guard.proxy.upstream import Upstream, UpstreamFailure, UpstreamResponse, response_headers
 
 CHAT_PATH = "/chat/completions"
 

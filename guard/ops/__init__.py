@@ -1,0 +1,1 @@
+"""Operator commands built on the proxy's parts: up, the local model, collect, classify."""

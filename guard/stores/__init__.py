@@ -1,0 +1,1 @@
+"""Where records go: the datapoint log and the review webhook sink."""
