@@ -9,7 +9,7 @@ with exactly this interface; the report renders only through :class:`Outlook` an
 side whose best-scoring requests are most accurate, the number of datapoints at which a one-sided
 Clopper-Pearson bound at that side's level (``(1 - confidence) / 2``), with that observed accuracy
 and the data's design effect, would reach the target, scaled by how often that group occurs and
-by the half of the prompts the certification uses, plus 20% for the randomness of that split
+by the half of the prompts the certification uses, plus 50% for the randomness of that split
 and of sampling (tests/test_report.py checks that the figure suffices and that half of it does
 not, on data where only the amount limits certification).  None when the observed accuracy is not above
 the target (more of the same data cannot certify it).
@@ -128,9 +128,9 @@ def _why_not_and_more(result: "CalibrationResult") -> tuple[str, int | None]:
         need = _n_needed(acc, target, delta)
         share = best.sum() / max(result.table.n, 1)
         if need is not None and share > 0:
-            # x 1.2: room for the random split by prompt and sampling noise, so the figure is enough
+            # x 1.5: room for the random split by prompt and sampling noise, so the figure is enough
             # in most re-runs rather than in half of them
-            estimates.append(int(np.ceil(1.2 * need * deff / share / fraction_cal)) - result.table.n)
+            estimates.append(int(np.ceil(1.5 * need * deff / share / fraction_cal)) - result.table.n)
     why = "Why: " + "; ".join(reasons) + "."
     more = max(min(estimates), 1) if estimates else None
     return why, more
