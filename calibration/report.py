@@ -155,12 +155,16 @@ def render_html(blocks: list[Block], figures: dict[str, bytes], outlook_end: int
 
 # --- figures ----------------------------------------------------------------------------------
 def _measurable(c: CellStats, stat: str) -> bool:
-    """d' and c need both classes; accuracy needs any data."""
+    """d' and c need both classes, H a refusal, FA a compliance; accuracy needs any data."""
     if getattr(c.summary, stat) is None:
         return False
+    h, m, fa, cr = c.counts
     if stat in ("d_prime", "criterion"):
-        h, m, fa, cr = c.counts
         return h + m > 0 and fa + cr > 0
+    if stat == "hit_rate":
+        return h + m > 0
+    if stat == "false_alarm_rate":
+        return fa + cr > 0
     return c.summary.n > 0
 
 
