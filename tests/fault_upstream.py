@@ -45,7 +45,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.servers import free_port, wait_http
+from tests.servers import free_port, spawn, stop_group, wait_http
 
 STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 500: "Internal Server Error",
                502: "Bad Gateway", 503: "Service Unavailable"}
@@ -354,7 +354,7 @@ class ProxyProcess:
 
     def start(self) -> "ProxyProcess":
         self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(self.args, env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = spawn(self.args, env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
         wait_http(self.url + "/healthz", self.proc)
         return self
 
@@ -368,9 +368,8 @@ class ProxyProcess:
             self._log.close()
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_group(self.proc, grace=0)  # SIGKILL to the group, also after terminate()
         if hasattr(self, "_log"):
             self._log.close()
 
@@ -400,13 +399,13 @@ class FaultUpstreamProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> "FaultUpstreamProcess":
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.fault_upstream", "--port", str(self.port),
-                                      "--plan", json.dumps(self.plan)], cwd=ROOT, env=clean_env(),
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.proc = spawn([sys.executable, "-m", "tests.fault_upstream", "--port", str(self.port),
+                           "--plan", json.dumps(self.plan)], cwd=ROOT, env=clean_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if line.strip() != "READY":
-            self.proc.kill()
+            stop_group(self.proc, grace=0)
             raise RuntimeError("fault upstream did not start")
         return self
 
@@ -414,9 +413,8 @@ class FaultUpstreamProcess:
         return httpx.get(self.url + "/_stats", timeout=5).json()["stats"]
 
     def __exit__(self, *exc: Any) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_group(self.proc, grace=10)
 
 
 def rss_kib(pid: int) -> int:

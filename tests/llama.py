@@ -46,7 +46,9 @@ requires_llama = pytest.mark.skipif(llama_skip_reason() is not None, reason=llam
 
 @contextmanager
 def running_llama_server(log_dir: Path, *, startup_timeout: float = 120.0) -> Iterator[LocalModelServer]:
-    """Start the server on a free 127.0.0.1 port, wait until it answers, stop it afterwards."""
+    """Start the server on a free 127.0.0.1 port, wait until it has answered one short completion
+    (a build for another CPU fails here, with the signal and the remedy), stop its process group
+    afterwards, pass or fail; it also gets SIGTERM from the kernel if the test run dies."""
     server = LocalModelServer(log_path=Path(log_dir) / "llama-server.log")
     server.start(timeout=startup_timeout)
     try:

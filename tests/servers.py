@@ -1,4 +1,10 @@
-"""Real servers on loopback for tests: uvicorn in a thread, and a port finder."""
+"""Real servers on loopback for tests: uvicorn in a thread, a port finder, and child processes.
+
+Every process a test starts goes through :func:`spawn` (its own process group) and is stopped
+with :func:`stop_group` in a ``finally`` (SIGTERM to the whole group, SIGKILL after a grace
+period, then SIGKILL to whatever of the group is left), so nothing outlives the test, pass or
+fail; workers a child forks (``--workers 2``) are in its group and go with it.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,8 @@ import time
 import httpx
 
 import uvicorn
+
+from guard.ops.local_model import stop_process
 
 
 def free_port() -> int:
@@ -50,6 +58,16 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def spawn(args: list[str], **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` in a new session, so :func:`stop_group` reaches everything it starts."""
+    return subprocess.Popen(args, start_new_session=True, **kwargs)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 20.0) -> int | None:
+    """Stop ``proc``'s process group (see ``guard.ops.local_model.stop_process``); safe to call twice."""
+    return stop_process(proc, grace)
 
 
 def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30.0) -> None:

@@ -22,7 +22,7 @@ from scipy.stats import norm
 from calibration.datapoints import FIELDS, read_datapoints
 from guard.app import create_app
 from guard.settings import Settings
-from tests.servers import ServerThread, free_port, wait_http
+from tests.servers import ServerThread, free_port, spawn, stop_group, wait_http
 
 REFUSAL = "I'm sorry, but I can't help with that request."
 COMPLIANCE = "Sure. Here is a clear explanation: the process has three steps, each described below in detail. " * 3
@@ -172,7 +172,7 @@ def test_two_workers_sum_counters_and_share_the_log(upstream, script, tmp_path):
     db = tmp_path / "dp.sqlite3"
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REFUSAL_GUARD_", "PROMETHEUS_"))}
-    proc = subprocess.Popen([sys.executable, "-m", "guard.cli", "serve", "--upstream", upstream.url + "/v1",
+    proc = spawn([sys.executable, "-m", "guard.cli", "serve", "--upstream", upstream.url + "/v1",
                              "--port", str(port), "--workers", "2", "--mode", "sequential", "--datapoints", str(db)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
@@ -187,6 +187,9 @@ def test_two_workers_sum_counters_and_share_the_log(upstream, script, tmp_path):
             s = samples(url)
             assert s[("refusal_guard_requests_total", (("action", "pass"), ("mode", "sequential")))] == 40
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.send_signal(signal.SIGTERM)  # the master alone: it drains and stops its workers
+        try:
+            proc.wait(timeout=30)
+        finally:
+            stop_group(proc, grace=0)  # whatever of its process group is left
     assert len(rows(db)) == 40

@@ -25,7 +25,7 @@ import openai
 import pytest
 
 from calibration.sdt import sdt_from_counts
-from tests.servers import free_port
+from tests.servers import free_port, spawn, stop_group
 
 pytestmark = [pytest.mark.prometheus,
               pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs Debian's prometheus package")]
@@ -72,7 +72,7 @@ def test_fleet_d_prime_from_recording_rules_matches_python(start_proxy, script, 
     config = tmp_path / "prometheus.yml"
     config.write_text(render_config([p.url.removeprefix("http://") for p in proxies]))
     port = free_port()
-    prom = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+    prom = spawn(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                              f"--web.listen-address=127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     prom_url = f"http://127.0.0.1:{port}"
@@ -123,8 +123,7 @@ def test_fleet_d_prime_from_recording_rules_matches_python(start_proxy, script, 
         assert abs(d_recorded - sdt_from_counts(*union).d_prime) < 0.1  # and near the unextrapolated figure
         assert one(prom_url, 'refusal_guard:d_prime:5m{topic="fraud"}', at) == pytest.approx(d_recorded, abs=1e-12)
     finally:
-        prom.terminate()
-        prom.wait(timeout=30)
+        stop_group(prom, grace=30)
 
 
 def query_ready(url: str) -> bool:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -28,6 +30,7 @@ from guard.probe.prober import Prober
 from guard.settings import DEFAULT_TOPICS
 from guard.proxy.upstream import Upstream
 from tests.llama import MODEL_ALIAS, requires_llama, running_llama_server
+from tests.servers import spawn, stop_group
 
 pytestmark = [pytest.mark.llama, requires_llama, pytest.mark.timeout(300)]
 
@@ -130,15 +133,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_up_end_to_end(tmp_path):
-    from openai import OpenAI
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
+
+def _wait_gone(pids: list[int], seconds: float) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return [pid for pid in pids if _alive(pid)]
+
+
+@contextmanager
+def running_up(tmp_path: Path):
+    """``python -m guard.ops.up`` in its own process group, read up to its banner.
+
+    Yields (process, banner text, proxy port, model port, child pids). Afterwards, pass or fail,
+    ``up``'s group and each child's group (the children run in sessions of their own) are stopped.
+    """
     proxy_port, model_port = free_port(), free_port()
-    up = subprocess.Popen(
-        [sys.executable, "-m", "guard.ops.up", "--port", str(proxy_port), "--model-port", str(model_port),
-         "--datapoints", str(tmp_path / "dp.sqlite3"), "--log-dir", str(tmp_path / "logs")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    up = spawn([sys.executable, "-m", "guard.ops.up", "--port", str(proxy_port), "--model-port", str(model_port),
+                "--state-dir", str(tmp_path / "state")],
+               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    children: list[int] = []
     try:
         banner = []
         for line in up.stdout:  # type: ignore[union-attr]
@@ -147,9 +167,28 @@ def test_up_end_to_end(tmp_path):
                 break
         output = "".join(banner)
         assert "Press Ctrl-C" in output, output
+        children = _children(up.pid)
+        yield up, output, proxy_port, model_port, children
+    finally:
+        stop_group(up, grace=30)
+        for pid in children:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_up_end_to_end(tmp_path):
+    from openai import OpenAI
+
+    with running_up(tmp_path) as (up, output, proxy_port, model_port, children):
         base_url = f"http://127.0.0.1:{proxy_port}/v1"
         assert base_url in output and MODEL_ALIAS in output
-        children = _children(up.pid)
+        state = tmp_path / "state"
+        assert f"state directory             {state}" in output
+        assert f"datapoints                  {state / 'datapoints.sqlite3'}" in output
+        # collect goes to the model server itself, never through the proxy
+        assert f"collect --endpoint http://127.0.0.1:{model_port}/v1" in output
         assert len(children) == 2, children
 
         client = OpenAI(base_url=base_url, api_key="unused", timeout=180, max_retries=0)
@@ -169,12 +208,36 @@ def test_up_end_to_end(tmp_path):
         assert up.wait(timeout=60) == 0
         rest = up.stdout.read()  # type: ignore[union-attr]
         assert "Stopped." in rest, rest
-        deadline = time.monotonic() + 5
-        while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(_alive(pid) for pid in children), children
+        assert not _wait_gone(children, 5), children
         assert port_is_free("127.0.0.1", proxy_port) and port_is_free("127.0.0.1", model_port)
-    finally:
-        if up.poll() is None:
-            up.kill()
-            up.wait()
+        # the datapoints are in the state directory up printed, not in the working directory
+        assert (state / "datapoints.sqlite3").is_file()
+        assert not (ROOT / "refusal-guard-datapoints.sqlite3").exists()
+
+
+def test_up_names_the_signal_when_the_model_server_crashes(tmp_path):
+    with running_up(tmp_path) as (up, output, proxy_port, model_port, children):
+        model = [pid for pid in children if "llama_cpp.server" in _cmdline(pid)]
+        assert len(model) == 1, [_cmdline(pid) for pid in children]
+        os.kill(model[0], signal.SIGSEGV)  # what a build for another CPU does in its first matmul
+        assert up.wait(timeout=60) == 1
+        rest = up.stdout.read()  # type: ignore[union-attr]
+        print("\n" + rest)
+        assert "SIGSEGV, segmentation fault" in rest, rest
+        assert "last lines of" in rest and "llama-server.log" in rest
+        assert "Fatal Python error: Segmentation fault" in rest  # the log's tail (faulthandler)
+        assert "Remedy:" in rest and "scripts/llama_wheel.py" in rest
+        assert not _wait_gone(children, 10), children  # up stopped the proxy on its way out
+        assert port_is_free("127.0.0.1", proxy_port)
+
+
+def test_children_stop_when_up_is_killed(tmp_path):
+    with running_up(tmp_path) as (up, output, proxy_port, model_port, children):
+        assert len(children) == 2, children
+        os.kill(up.pid, signal.SIGKILL)  # no chance to stop them itself: the kernel tells them
+        up.wait(timeout=10)
+        left = _wait_gone(children, 40)  # the proxy drains (nothing in flight) and exits
+        assert not left, [_cmdline(pid) for pid in left]
+        for port in (proxy_port, model_port):  # nothing listens (the model port may sit in TIME_WAIT)
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=2).close()

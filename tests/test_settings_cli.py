@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from guard.settings import ConfigFileError, Mode, load_settings
-from tests.servers import free_port, wait_http
+from tests.servers import free_port, spawn, stop_group, wait_http
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, clean_env):
 def test_serve_command_in_front_of_an_openai_compatible_server(upstream, script, tmp_path):
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFUSAL_GUARD_")}
-    proc = subprocess.Popen(
+    proc = spawn(
         [sys.executable, "-m", "guard.cli", "serve", "--upstream", upstream.url + "/v1", "--port", str(port),
          "--mode", "off", "--datapoints", str(tmp_path / "dp.sqlite3")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -72,8 +72,7 @@ def test_serve_command_in_front_of_an_openai_compatible_server(upstream, script,
             model="m", messages=[{"role": "user", "content": "hi"}], stream=True) if c.choices)
         assert streamed == script.reply
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop_group(proc)
 
 
 def test_serve_rejects_invalid_settings_with_exit_2(clean_env):
@@ -88,7 +87,7 @@ def test_max_concurrency_sheds_load_with_503(upstream, script, tmp_path):
     script.stall = 1.0
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("REFUSAL_GUARD_")}
-    proc = subprocess.Popen(
+    proc = spawn(
         [sys.executable, "-m", "guard.cli", "serve", "--upstream", upstream.url + "/v1", "--port", str(port),
          "--mode", "off", "--max-concurrency", "3", "--datapoints", str(tmp_path / "dp.sqlite3")],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -104,5 +103,4 @@ def test_max_concurrency_sheds_load_with_503(upstream, script, tmp_path):
         assert statuses.count(200) >= 1 and statuses.count(503) >= 1
         assert set(statuses) <= {200, 503}
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop_group(proc)

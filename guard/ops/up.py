@@ -7,8 +7,14 @@
 3. Waits until the proxy's ``/readyz`` answers 200, prints where to send requests, and
    runs until Ctrl-C or SIGTERM, then stops the proxy (it drains) and the model server.
 
+The model server has answered one short completion before the proxy starts, so a build that
+crashes in its matrix kernels is caught here, with the signal named, the log's tail and the
+remedy (``guard.ops.local_model.crash_remedy``), not on a user's first request.
+
 Both children run in their own sessions, so a terminal's Ctrl-C reaches only this process,
-which then stops them in order. Their output goes to log files whose paths are printed.
+which then stops them in order; the kernel SIGTERMs them if this process dies without doing so.
+Datapoints and logs go to a state directory (``--state-dir``, default
+``$XDG_STATE_HOME/refusal-guard`` or ``~/.local/state/refusal-guard``), printed at start.
 """
 
 from __future__ import annotations
@@ -19,10 +25,10 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import httpx
@@ -32,6 +38,7 @@ from guard.ops.local_model import (
     MODEL_ALIAS,
     LocalModelError,
     LocalModelServer,
+    die_with_parent,
     port_is_free,
     stop_process,
     tail,
@@ -39,6 +46,7 @@ from guard.ops.local_model import (
 from guard.settings import ENV_PREFIX, ConfigFileError, Settings, load_settings, read_config_file
 
 DEFAULT_MODEL_PORT = 8000
+DATAPOINTS_FILE = "datapoints.sqlite3"
 # Settings whose proxy defaults do not suit the bundled model. They apply only when neither
 # a flag, the environment nor the config file sets them.
 LOCAL_DEFAULTS: dict[str, Any] = {
@@ -66,12 +74,16 @@ def add_up_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="YAML or TOML settings file for the proxy (env: REFUSAL_GUARD_CONFIG)")
     parser.add_argument("--mode", choices=["sequential", "parallel", "shadow", "off"], default=None)
     parser.add_argument("--policy", type=Path, default=None, help="policy JSON from `refusal-guard calibrate`")
-    parser.add_argument("--datapoints", type=Path, default=None, help="SQLite file for datapoints")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="where datapoints and logs go (default $XDG_STATE_HOME/refusal-guard, "
+                             "else ~/.local/state/refusal-guard)")
+    parser.add_argument("--datapoints", type=Path, default=None,
+                        help=f"SQLite file for datapoints (default: STATE_DIR/{DATAPOINTS_FILE})")
     parser.add_argument("--probe-timeout", type=float, default=None,
                         help=f"seconds (default here: {LOCAL_DEFAULTS['probe_timeout']:g}, the model is slow)")
     parser.add_argument("--probe-structured-output", choices=["auto", "json_schema", "json_object", "none"],
                         default=None, help="default here: json_object (what llama-cpp-python accepts)")
-    parser.add_argument("--log-dir", type=Path, default=None, help="where the two log files go (default: a temp dir)")
+    parser.add_argument("--log-dir", type=Path, default=None, help="where the two log files go (default: STATE_DIR/logs)")
     parser.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for both servers")
     parser.set_defaults(func=run)
 
@@ -88,14 +100,21 @@ class _Stop:
         self.event.set()
 
 
-def _proxy_flags(args: argparse.Namespace, upstream: str) -> dict[str, Any]:
+def default_state_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """``$XDG_STATE_HOME/refusal-guard``, else ``~/.local/state/refusal-guard`` (XDG base directories)."""
+    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "refusal-guard"
+
+
+def _proxy_flags(args: argparse.Namespace, upstream: str, state_dir: Path) -> dict[str, Any]:
     """The settings ``up`` passes as flags: the upstream, what the user gave, local defaults."""
     flags: dict[str, Any] = {"upstream": upstream}
     for name in ("host", "port", "mode", "policy", "datapoints", "probe_timeout", "probe_structured_output"):
         if getattr(args, name, None) is not None:
             flags[name] = getattr(args, name)
     file_values = read_config_file(args.config) if args.config else {}
-    for name, value in LOCAL_DEFAULTS.items():
+    defaults = {**LOCAL_DEFAULTS, "datapoints": state_dir / DATAPOINTS_FILE}
+    for name, value in defaults.items():
         if name not in flags and name not in file_values and ENV_PREFIX + name.upper() not in os.environ:
             flags[name] = value
     return flags
@@ -110,16 +129,25 @@ def _serve_command(flags: dict[str, Any], config: Path | None) -> list[str]:
     return command
 
 
-def _banner(proxy_url: str, model_api: str, model_log: Path, proxy_log: Path) -> str:
+def _banner(proxy_url: str, model_api: str, model_log: Path, proxy_log: Path, state_dir: Path,
+            datapoints: Path | None) -> str:
     base = proxy_url + "/v1"
     return f"""
 refusal-guard is up.
   proxy (send requests here)  {base}
   model name                  {MODEL_ALIAS}
   local model server          {model_api}   (SmolLM2-135M-Instruct via llama.cpp)
+  state directory             {state_dir}
+  datapoints                  {datapoints or "(off)"}
   logs                        {proxy_log}
                               {model_log}
   health / metrics            {proxy_url}/readyz   {proxy_url}/metrics
+
+Calibration data: point `collect` at the model server, not the proxy (through the proxy its own
+probe and generation calls would be probed and logged again):
+  refusal-guard collect --endpoint {model_api} --model {MODEL_ALIAS} --probe-structured-output json_object \\
+      --prompts examples/prompts/prompts.jsonl --out {state_dir / "collected.jsonl"}
+  refusal-guard calibrate --datapoints {state_dir / "collected.jsonl"} --out {state_dir / "policy.json"}
 
 Try it:
   curl -s {base}/chat/completions -H 'content-type: application/json' -d '{{"model": "{MODEL_ALIAS}", "messages": [{{"role": "user", "content": "Say hello"}}], "max_tokens": 32}}'
@@ -153,8 +181,15 @@ def _wait_proxy_ready(url: str, proxy: subprocess.Popen, log: Path, deadline: fl
 def run(args: argparse.Namespace) -> int:
     """Start the model server and the proxy, wait for a signal, stop both. Returns 0 on a clean stop."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # the readiness polls are not news
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="refusal-guard-up-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    state_dir = (args.state_dir or default_state_dir()).expanduser().resolve()
+    log_dir = args.log_dir or state_dir / "logs"
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"refusal-guard up: cannot create the state directory {state_dir}: {exc} (try --state-dir)",
+              file=sys.stderr)
+        return 2
     model_log, proxy_log = log_dir / "llama-server.log", log_dir / "proxy.log"
 
     if args.model_port is not None:
@@ -166,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     # Resolve the proxy's settings now (upstream filled in below) so that a bad flag or config
     # file fails before the slow model start; the port is only known once the model is up.
     try:
-        flags = _proxy_flags(args, f"http://127.0.0.1:{model_port or DEFAULT_MODEL_PORT}/v1")
+        flags = _proxy_flags(args, f"http://127.0.0.1:{model_port or DEFAULT_MODEL_PORT}/v1", state_dir)
         settings: Settings = load_settings(flags, args.config)
     except (ValidationError, ConfigFileError) as exc:
         print(f"refusal-guard up: invalid settings:\n{exc}", file=sys.stderr)
@@ -185,19 +220,22 @@ def run(args: argparse.Namespace) -> int:
     status = 0
     try:
         deadline = time.monotonic() + args.startup_timeout
-        print(f"Starting the local model server (SmolLM2-135M-Instruct, log: {model_log}) ...", flush=True)
+        print(f"State directory (datapoints, logs): {state_dir}", flush=True)
+        print(f"Starting the local model server (SmolLM2-135M-Instruct, log: {model_log}); it must answer "
+              "one short completion ...", flush=True)
         model.start(timeout=args.startup_timeout)
         if not stop.event.is_set():
             flags["upstream"] = model.api_url
-            print(f"Model server ready at {model.api_url}; starting the proxy (log: {proxy_log}) ...", flush=True)
+            print(f"Model server ready at {model.api_url} (answered a first completion); starting the proxy "
+                  f"(log: {proxy_log}) ...", flush=True)
             with open(proxy_log, "ab") as log:
                 proxy = subprocess.Popen(_serve_command(flags, args.config), stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
             host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
             proxy_url = f"http://{host}:{settings.port}"
             _wait_proxy_ready(proxy_url, proxy, proxy_log, deadline, stop)
         if not stop.event.is_set():
-            print(_banner(proxy_url, model.api_url, model_log, proxy_log), flush=True)
+            print(_banner(proxy_url, model.api_url, model_log, proxy_log, state_dir, settings.datapoints), flush=True)
         while proxy is not None and not stop.event.wait(0.5):
             if (code := proxy.poll()) is not None:
                 print(f"refusal-guard up: the proxy exited with status {code}; last lines of {proxy_log}:\n"
@@ -205,8 +243,7 @@ def run(args: argparse.Namespace) -> int:
                 status = 1
                 break
             if (code := model.poll()) is not None:
-                print(f"refusal-guard up: the model server exited with status {code}; last lines of {model_log}:\n"
-                      f"{tail(model_log)}", file=sys.stderr)
+                print(f"refusal-guard up: {model.died_message(code)}", file=sys.stderr)
                 status = 1
                 break
     except LocalModelError as exc:
