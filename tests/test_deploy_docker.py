@@ -80,6 +80,8 @@ def test_dockerfile_stages() -> None:
             assert compiler not in runs, (final, compiler)
     assert re.search(r"ARG PYTHON_IMAGE=python:3\.11-slim", DOCKERFILE.read_text())
     assert "build-essential" in " ".join(instruction(s["local-model-build"], "RUN"))
+    # The model server is compiled portably: a native build crashes on Xeons without AMX tiles (issue 18).
+    assert 'CMAKE_ARGS="-DGGML_NATIVE=OFF"' in " ".join(instruction(s["local-model-build"], "ENV"))
     assert "COPY --from=build /opt/venv /opt/venv" in s["guard"]
     assert "COPY --from=local-model-build /opt/venv /opt/venv" in s["local-model"]
     guard = s["guard"]
