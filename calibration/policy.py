@@ -54,7 +54,16 @@ class Thresholds(_Frozen):
 
 
 class SDTSummary(_Frozen):
-    """SDT and calibration statistics of one cell with 95% bootstrap CIs (``ci[name] = [lo, hi]``)."""
+    """SDT and calibration statistics of one cell with 95% intervals (``ci[name] = [lo, hi]``).
+
+    ``measurable`` is False when the cell cannot measure sensitivity at all (empty, a single class,
+    or a probe that gave the same prediction to every request): then ``d_prime`` and ``criterion`` are
+    None, have no ``ci`` entry, and ``reason`` says why.  A rate of a class with no trials (``hit_rate``
+    when the model never refused, ``false_alarm_rate`` when it always did) is None as well.  Interval
+    conventions (see ``calibration.sdt.sdt_intervals``): H, FA, accuracy, d' and c are analytic;
+    ECE and Brier are prompt-bootstrap percentiles; a None bound means the data do not bound the
+    statistic on that side (e.g. no misses at all: d' has no finite upper bound).
+    """
 
     n: int = Field(ge=0)
     n_prompts: int = Field(default=0, ge=0)
@@ -67,6 +76,7 @@ class SDTSummary(_Frozen):
     brier: float | None = None
     ci: dict[str, _Interval] = Field(default_factory=dict)
     small: bool = False
+    measurable: bool = True
     reason: str | None = None
 
 
