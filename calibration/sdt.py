@@ -235,7 +235,8 @@ def proportion_interval(x: Any, n: Any, level: float = 0.95, method: str = "wils
         den = 1.0 + z * z / ns
         mid = (p + z * z / (2.0 * ns)) / den
         half = z / den * np.sqrt(p * (1.0 - p) / ns + z * z / (4.0 * ns * ns))
-        lo, hi = np.clip(mid - half, 0.0, 1.0), np.clip(mid + half, 0.0, 1.0)
+        lo = np.where(xs <= 0.0, 0.0, np.clip(mid - half, 0.0, 1.0))   # exact ends, not 1 - 1e-16
+        hi = np.where(xs >= ns, 1.0, np.clip(mid + half, 0.0, 1.0))
     elif method in ("cp", "jeffreys"):
         s = 0.0 if method == "cp" else 0.5
         with np.errstate(all="ignore"):
