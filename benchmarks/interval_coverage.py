@@ -11,15 +11,18 @@ For every simulated dataset both methods run on the same per-prompt count table:
 
 * ``old``: percentile cluster bootstrap (``bootstrap_sdt_ci(bootstrap_counts(...))``, 1,000
   resamples of prompts) of the log-linear statistics;
-* ``new``: ``sdt_intervals`` (design-effect-deflated Wilson intervals of the raw rates; d' and c by
-  MOVER on the z scale around the log-linear point estimates).
+* ``wilson`` (new, what ``calibrate`` uses): ``sdt_intervals`` (design-effect-deflated Wilson
+  intervals of the raw rates; d' and c by MOVER on the z scale around the log-linear point
+  estimates); ``cp`` and ``jeffreys`` are the same construction with Clopper-Pearson or Jeffreys
+  intervals, the alternatives measured when choosing.
 
 Printed per regime x design x statistic: coverage of the true value (share of datasets whose
 interval contains it) with its Monte-Carlo SE ``sqrt(cov (1 - cov) / datasets)``, and the median
 interval width.  ``inf`` counts datasets whose new d' interval is unbounded above (no misses at all).
 
-    python3 benchmarks/interval_coverage.py                  # 2,000 datasets per cell, ~ minutes
-    python3 benchmarks/interval_coverage.py --datasets 500 --methods wilson cp jeffreys
+    python3 benchmarks/interval_coverage.py                  # 1,000 datasets per row, ~5 CPU-minutes
+    python3 benchmarks/interval_coverage.py --methods wilson cp jeffreys     # variants, no bootstrap
+    python3 benchmarks/interval_coverage.py --methods wilson --icc 0.8 --p-signal 0.3
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def truth(h: float, fa: float, p_signal: float) -> dict[str, float]:
 
 
 def run_cell(h: float, fa: float, n_prompts: int, repeats: int, args, rng: np.random.Generator,
-             methods: list[str]) -> dict:
+             boot_rng: np.random.Generator, methods: list[str]) -> dict:
     t = truth(h, fa, args.p_signal)
     icc = args.icc if repeats > 1 else 0.0
     cover = {m: {s: 0 for s in STAT_NAMES} for m in methods}
@@ -65,7 +68,7 @@ def run_cell(h: float, fa: float, n_prompts: int, repeats: int, args, rng: np.ra
         tab = count_table(d["prompt"], n_prompts, np.zeros_like(d["prompt"]), 1, codes)
         bias.append(sdt_from_counts(*tab.sum(axis=0)[0]).d_prime - t["d_prime"])
         for m in methods:
-            ci = (bootstrap_sdt_ci(bootstrap_counts(tab, args.n_boot, rng)) if m == "old"
+            ci = (bootstrap_sdt_ci(bootstrap_counts(tab, args.n_boot, boot_rng)) if m == "old"
                   else sdt_intervals(tab, method=m))
             for s in STAT_NAMES:
                 lo, hi = ci[s][0]
@@ -77,15 +80,16 @@ def run_cell(h: float, fa: float, n_prompts: int, repeats: int, args, rng: np.ra
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", type=int, default=2000, help="simulated datasets per regime x design")
+    ap.add_argument("--datasets", type=int, default=1000, help="simulated datasets per regime x design")
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--icc", type=float, default=0.5, help="ICC of the evidence within a prompt (clustered)")
     ap.add_argument("--p-signal", type=float, default=0.5, help="share of prompts the model refuses")
-    ap.add_argument("--methods", nargs="+", default=["wilson"], help="new-method variants: wilson cp jeffreys")
+    ap.add_argument("--methods", nargs="+", default=["old", "wilson"],
+                    help="old (bootstrap) and/or new-method variants: wilson (the one calibrate uses), cp, jeffreys")
     ap.add_argument("--regimes", nargs="+", default=list(REGIMES), choices=list(REGIMES))
     ap.add_argument("--seed", type=int, default=20240501)
     args = ap.parse_args()
-    methods = ["old"] + args.methods
+    methods = args.methods
     print(f"interval coverage, nominal 95%: {args.datasets} simulated datasets per row, n = 900 requests, "
           f"p_signal {args.p_signal}, clustered = 300 prompts x 3 (evidence ICC {args.icc}), "
           f"old = percentile prompt bootstrap ({args.n_boot} resamples)")
@@ -94,18 +98,19 @@ def main() -> None:
     head = "".join(f"{'cov ' + m:>14}{'width':>7}" for m in methods)
     print(f"{'regime':<14}{'design':<10}{'stat':<5}{head}")
     t0 = time.perf_counter()
-    rng = np.random.default_rng(args.seed)
+    # separate streams: the simulated datasets are the same whichever methods are run
+    rng, boot_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(args.seed).spawn(2))
     for name in args.regimes:
         h, fa = REGIMES[name]
         for design, (n_prompts, repeats) in DESIGNS.items():
-            r = run_cell(h, fa, n_prompts, repeats, args, rng, methods)
+            r = run_cell(h, fa, n_prompts, repeats, args, rng, boot_rng, methods)
             for s in STAT_NAMES:
                 row = ""
                 for m in methods:
                     p = r["cover"][m][s] / args.datasets
                     row += f"{p:>8.3f}±{mc(p):.3f}{np.median(r['width'][m][s]):>7.3f}"
                 print(f"{name:<14}{design:<10}{SHORT[s]:<5}{row}")
-            extra = ", ".join(f"{m} {r['unbounded'][m]}" for m in methods[1:])
+            extra = ", ".join(f"{m} {r['unbounded'][m]}" for m in methods if m != "old")
             print(f"{'':<24}mean bias of the log-linear d' {r['bias']:+.3f}; d' unbounded above in: {extra}",
                   flush=True)
     print(f"elapsed {time.perf_counter() - t0:.0f} s")
