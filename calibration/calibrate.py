@@ -240,7 +240,7 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
         summary = SDTSummary(
             n=n, n_prompts=int(prompts_in_cell[j]), **values,
             ece=_fin(ece_pt[j]), brier=_fin(brier_pt[j]),
-            ci={s: (_fin(cis[s][j, 0]), _fin(cis[s][j, 1])) for s in _CI_NAMES if defined[s]},
+            ci={s: (_fin(cis[s][j, 0]), _fin(cis[s][j, 1])) if defined[s] else (None, None) for s in _CI_NAMES},
             small=small, measurable=measurable, reason=reason,
         )
         cells.append(CellStats(group, name, tuple(int(x) for x in cnt), int(prompts_in_cell[j]),
