@@ -213,9 +213,9 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
     totals = per_prompt.sum(axis=0)                           # (n_cells, 14)
     prompts_in_cell = (per_prompt[..., :4].sum(axis=-1) > 0).sum(axis=0)
 
-    reps = bootstrap_counts(per_prompt, n_boot, rng)          # (n_boot, n_cells, 14)
     cis = sdt_intervals(per_prompt[..., :4])                  # analytic; coverage: benchmarks/interval_coverage.py
-    rk, rn = reps[..., 5:14:2], reps[..., 4:14:2] + reps[..., 5:14:2]
+    reps = bootstrap_counts(per_prompt[..., 4:], n_boot, rng)  # (n_boot, n_cells, 10): for ECE and Brier
+    rk, rn = reps[..., 1::2], reps[..., 0::2] + reps[..., 1::2]
     alpha = 0.025
     with np.errstate(all="ignore"):
         import warnings
