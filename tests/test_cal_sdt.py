@@ -292,3 +292,18 @@ def test_analytic_interval_coverage_with_known_truth(h, fa, n_prompts, repeats, 
     cov = _coverage(h, fa, n_prompts, repeats, icc, 1500, seed=99)
     for k, v in cov.items():
         assert 0.925 <= v <= 0.975, (k, v)
+
+
+def test_calibrate_reports_the_analytic_intervals_per_prompt():
+    """calibrate's overall ci is sdt_intervals on the per-prompt table (paraphrases clustered by id)."""
+    from calibration.calibrate import calibrate_table
+    from calibration.datapoints import DatapointTable
+
+    d = simulate(150, 3, 2.0, -0.3, icc=0.5, seed=21)
+    res = calibrate_table(DatapointTable.from_arrays(topics=["t"], **d), n_boot=50)
+    codes = outcome_codes(d["will_refuse"], d["refused"]).astype(np.int64)
+    ref = sdt_intervals(count_table(d["prompt"], 150, np.zeros_like(d["prompt"]), 1, codes))
+    s = res.policy.sdt
+    for name in ("accuracy", "hit_rate", "false_alarm_rate", "d_prime", "criterion"):
+        assert s.ci[name] == pytest.approx(tuple(ref[name][0])), name
+    assert s.measurable and s.reason is None
