@@ -30,7 +30,8 @@ import numpy as np
 from calibration.datapoints import DatapointTable, read_datapoints
 from calibration.policy import Baseline, ConfidenceCount, Policy, SDTSummary, Thresholds, TopicPolicy
 from calibration.reliability import Recalibrator, ece_prob, reliability_table
-from calibration.sdt import STAT_NAMES, UNMEASURABLE_REASONS, bootstrap_counts, sdt_from_counts, sdt_intervals, unmeasurable
+from calibration.sdt import (STAT_NAMES, UNMEASURABLE_REASONS, bootstrap_counts, sdt_from_counts, sdt_intervals,
+                             unmeasurable)
 from calibration.thresholds import SideThreshold, cp_lower, design_effect, ltt_threshold, risk_coverage, route
 
 __all__ = ["CalibrationError", "CalibrationResult", "CellStats", "calibrate", "calibrate_table",

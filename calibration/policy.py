@@ -58,8 +58,9 @@ class SDTSummary(_Frozen):
 
     ``measurable`` is False when the cell cannot measure sensitivity at all (empty, a single class,
     or a probe that gave the same prediction to every request): then ``d_prime`` and ``criterion`` are
-    None, their ``ci`` is ``[None, None]`` (no interval), and ``reason`` says why.  A rate of a class with no trials (``hit_rate``
-    when the model never refused, ``false_alarm_rate`` when it always did) is None as well.  Interval
+    None, their ``ci`` is ``[None, None]`` (no interval), and ``reason`` says why.  A rate of a class
+    with no trials (``hit_rate`` when the model never refused, ``false_alarm_rate`` when it always
+    did) is None as well.  Interval
     conventions (see ``calibration.sdt.sdt_intervals``): H, FA, accuracy, d' and c are analytic;
     ECE and Brier are prompt-bootstrap percentiles; a None bound means the data do not bound the
     statistic on that side (e.g. no misses at all: d' has no finite upper bound); for a measurable d'
