@@ -60,11 +60,10 @@ class SDTSummary(_Frozen):
     or a probe that gave the same prediction to every request): then ``d_prime`` and ``criterion`` are
     None, their ``ci`` is ``[None, None]`` (no interval), and ``reason`` says why.  A rate of a class
     with no trials (``hit_rate`` when the model never refused, ``false_alarm_rate`` when it always
-    did) is None as well.  Interval
-    conventions (see ``calibration.sdt.sdt_intervals``): H, FA, accuracy, d' and c are analytic;
-    ECE and Brier are prompt-bootstrap percentiles; a None bound means the data do not bound the
-    statistic on that side (e.g. no misses at all: d' has no finite upper bound); for a measurable d'
-    or c at most one bound is None.
+    did) is None as well.  Intervals (see ``calibration.sdt.sdt_intervals``): analytic for H, FA,
+    accuracy, d' and c; prompt-bootstrap percentiles for ECE and Brier.  A None bound means the data
+    do not bound the statistic on that side (e.g. no misses at all: d' has no finite upper bound);
+    for a measurable d' or c at most one bound is None.
     """
 
     n: int = Field(ge=0)
