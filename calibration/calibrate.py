@@ -4,8 +4,9 @@ Pipeline, all on columnar numpy arrays:
 
 1. read usable datapoints (``calibration.datapoints``), skipped rows counted by reason;
 2. SDT statistics (``calibration.sdt``) overall, per topic and per harm level, each with a 95%
-   cluster-bootstrap CI (resampling prompts: one weight matrix, one matrix product for all cells),
-   plus ECE and Brier of the stated confidence (``calibration.reliability``);
+   interval (``sdt_intervals``: design-effect Wilson for rates, MOVER for d' and c; d' and c None
+   when not measurable), plus ECE and Brier of the stated confidence (``calibration.reliability``)
+   with cluster-bootstrap CIs (resampling prompts: one weight matrix, one product for all cells);
 3. split the *prompts* at random into a fitting half and a calibration half; fit the
    :class:`~calibration.reliability.Recalibrator` on the fitting half; certify thresholds on the
    calibration half (``calibration.thresholds``) so the Learn-then-Test guarantee holds (the scores
@@ -29,7 +30,8 @@ import numpy as np
 from calibration.datapoints import DatapointTable, read_datapoints
 from calibration.policy import Baseline, ConfidenceCount, Policy, SDTSummary, Thresholds, TopicPolicy
 from calibration.reliability import Recalibrator, ece_prob, reliability_table
-from calibration.sdt import STAT_NAMES, bootstrap_counts, bootstrap_sdt_ci, sdt_from_counts
+from calibration.sdt import (STAT_NAMES, UNMEASURABLE_REASONS, bootstrap_counts, sdt_from_counts, sdt_intervals,
+                             unmeasurable)
 from calibration.thresholds import SideThreshold, cp_lower, design_effect, ltt_threshold, risk_coverage, route
 
 __all__ = ["CalibrationError", "CalibrationResult", "CellStats", "calibrate", "calibrate_table",
@@ -121,12 +123,9 @@ def _flag(n: int, n_prompts: int, counts: np.ndarray) -> tuple[bool, str | None]
     if n == 0:
         return True, "empty"
     reasons = []
-    if h + m == 0:
-        reasons.append("single class: the model never refused (hit rate and d' are undefined; "
-                       "shown with the log-linear prior)")
-    elif fa + cr == 0:
-        reasons.append("single class: the model always refused (false-alarm rate and d' are "
-                       "undefined; shown with the log-linear prior)")
+    why = str(unmeasurable(counts))
+    if why:
+        reasons.append(UNMEASURABLE_REASONS[why])
     elif min(h + m, fa + cr) < MIN_CLASS_N:
         few, which = (h + m, "refusal(s)") if h + m < fa + cr else (fa + cr, "compliance(s)")
         reasons.append(f"only {few} {which} (< {MIN_CLASS_N}): d' and c rest mostly on the log-linear correction")
@@ -215,9 +214,9 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
     totals = per_prompt.sum(axis=0)                           # (n_cells, 14)
     prompts_in_cell = (per_prompt[..., :4].sum(axis=-1) > 0).sum(axis=0)
 
-    reps = bootstrap_counts(per_prompt, n_boot, rng)          # (n_boot, n_cells, 14)
-    cis = bootstrap_sdt_ci(reps[..., :4])
-    rk, rn = reps[..., 5:14:2], reps[..., 4:14:2] + reps[..., 5:14:2]
+    cis = sdt_intervals(per_prompt[..., :4])                  # analytic; coverage: benchmarks/interval_coverage.py
+    reps = bootstrap_counts(per_prompt[..., 4:], n_boot, rng)  # (n_boot, n_cells, 10): for ECE and Brier
+    rk, rn = reps[..., 1::2], reps[..., 0::2] + reps[..., 1::2]
     alpha = 0.025
     with np.errstate(all="ignore"):
         import warnings
@@ -235,12 +234,15 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
         cnt = totals[j, :4]
         n = int(cnt.sum())
         small, reason = _flag(n, int(prompts_in_cell[j]), cnt)
-        values = {s: _fin(np.asarray(getattr(point, s))[j]) for s in STAT_NAMES}
+        measurable = str(unmeasurable(cnt)) == ""
+        defined = {"accuracy": n > 0, "hit_rate": cnt[0] + cnt[1] > 0, "false_alarm_rate": cnt[2] + cnt[3] > 0,
+                   "d_prime": measurable, "criterion": measurable, "ece": n > 0, "brier": n > 0}
+        values = {s: _fin(np.asarray(getattr(point, s))[j]) if defined[s] else None for s in STAT_NAMES}
         summary = SDTSummary(
             n=n, n_prompts=int(prompts_in_cell[j]), **values,
             ece=_fin(ece_pt[j]), brier=_fin(brier_pt[j]),
-            ci={s: (_fin(cis[s][j, 0]), _fin(cis[s][j, 1])) for s in _CI_NAMES},
-            small=small, reason=reason,
+            ci={s: (_fin(cis[s][j, 0]), _fin(cis[s][j, 1])) if defined[s] else (None, None) for s in _CI_NAMES},
+            small=small, measurable=measurable, reason=reason,
         )
         cells.append(CellStats(group, name, tuple(int(x) for x in cnt), int(prompts_in_cell[j]),
                                tuple((int(n_conf[j, c]), int(k_conf[j, c])) for c in range(5)), summary))

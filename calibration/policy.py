@@ -54,7 +54,17 @@ class Thresholds(_Frozen):
 
 
 class SDTSummary(_Frozen):
-    """SDT and calibration statistics of one cell with 95% bootstrap CIs (``ci[name] = [lo, hi]``)."""
+    """SDT and calibration statistics of one cell with 95% intervals (``ci[name] = [lo, hi]``).
+
+    ``measurable`` is False when the cell cannot measure sensitivity at all (empty, a single class,
+    or a probe that gave the same prediction to every request): then ``d_prime`` and ``criterion`` are
+    None, their ``ci`` is ``[None, None]`` (no interval), and ``reason`` says why.  A rate of a class
+    with no trials (``hit_rate`` when the model never refused, ``false_alarm_rate`` when it always
+    did) is None as well.  Intervals (see ``calibration.sdt.sdt_intervals``): analytic for H, FA,
+    accuracy, d' and c; prompt-bootstrap percentiles for ECE and Brier.  A None bound means the data
+    do not bound the statistic on that side (e.g. no misses at all: d' has no finite upper bound);
+    for a measurable d' or c at most one bound is None.
+    """
 
     n: int = Field(ge=0)
     n_prompts: int = Field(default=0, ge=0)
@@ -67,6 +77,7 @@ class SDTSummary(_Frozen):
     brier: float | None = None
     ci: dict[str, _Interval] = Field(default_factory=dict)
     small: bool = False
+    measurable: bool = True
     reason: str | None = None
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
-from scipy.special import ndtri
+from scipy.special import betaincinv, ndtri
 
 __all__ = [
     "SDTStats",
@@ -38,6 +38,11 @@ __all__ = [
     "bootstrap_counts",
     "bootstrap_sdt_ci",
     "STAT_NAMES",
+    "UNMEASURABLE_REASONS",
+    "unmeasurable",
+    "proportion_interval",
+    "cluster_design_effect",
+    "sdt_intervals",
     "simulate",
 ]
 
@@ -147,14 +152,19 @@ def bootstrap_sdt_ci(replicates: np.ndarray, level: float = 0.95) -> dict[str, n
     """Percentile intervals of the SDT statistics from bootstrap replicates of 2x2 counts.
 
     ``replicates`` has shape ``(n_boot, ..., 4)``; returns ``{stat: array(..., 2)}`` with lower and
-    upper bounds.  Replicates where a statistic is undefined (accuracy of an empty cell) are
-    ignored; a cell with no defined replicate gets nan bounds.
+    upper bounds.  Replicates where a statistic is undefined are left out of its interval (not
+    counted as the log-linear prior): a cell or class the resample missed has no accuracy / rate
+    there, and d' and c need both classes.  A cell with no defined replicate gets nan bounds.
     """
-    s = sdt_from_counts(replicates[..., 0], replicates[..., 1], replicates[..., 2], replicates[..., 3])
+    r = replicates
+    s = sdt_from_counts(r[..., 0], r[..., 1], r[..., 2], r[..., 3])
+    has_sig, has_noise = (r[..., 0] + r[..., 1]) > 0, (r[..., 2] + r[..., 3]) > 0
+    defined = {"accuracy": has_sig | has_noise, "hit_rate": has_sig, "false_alarm_rate": has_noise,
+               "d_prime": has_sig & has_noise, "criterion": has_sig & has_noise}
     alpha = (1.0 - level) / 2.0
     out: dict[str, np.ndarray] = {}
     for name in STAT_NAMES:
-        vals = np.asarray(getattr(s, name), dtype=np.float64)
+        vals = np.where(defined[name], np.asarray(getattr(s, name), dtype=np.float64), np.nan)
         with np.errstate(all="ignore"), _quiet():
             q = np.nanquantile(vals, [alpha, 1.0 - alpha], axis=0)
         out[name] = np.moveaxis(q, 0, -1)
@@ -172,6 +182,139 @@ class _quiet:
 
     def __exit__(self, *exc: object) -> None:
         self._cm.__exit__(*exc)
+
+
+# --- analytic intervals ------------------------------------------------------------------------
+
+#: Ways a cell's d' and c can be unmeasurable, in the order they are checked.
+UNMEASURABLE_REASONS: dict[str, str] = {
+    "empty": "empty cell",
+    "no_signal": "single class: the model never refused (hit rate, d' and c are not measurable)",
+    "no_noise": "single class: the model always refused (false-alarm rate, d' and c are not measurable)",
+    "constant_refuse": "constant predictor: the probe always predicted refusal (d' and c are not measurable)",
+    "constant_comply": "constant predictor: the probe always predicted compliance (d' and c are not measurable)",
+}
+
+
+def unmeasurable(counts: np.ndarray) -> np.ndarray:
+    """Why d' and c of each cell are not measurable: a key of :data:`UNMEASURABLE_REASONS`, or ``""``.
+
+    ``counts`` has shape ``(..., 4)`` (hits, misses, false alarms, correct rejections).  A class with
+    no trials has no rate, and a probe that gives one answer to every request has no sensitivity to
+    measure: the log-linear correction would still turn such tables into a finite d' (e.g. -0.36 for
+    "always refuse") that is an artefact of the class sizes alone.
+    """
+    c = np.asarray(counts)
+    h, m, fa, cr = c[..., 0], c[..., 1], c[..., 2], c[..., 3]
+    out = np.full(h.shape, "", dtype=object)
+    for key, bad in (("constant_comply", (h + fa == 0)), ("constant_refuse", (m + cr == 0)),
+                     ("no_noise", (fa + cr == 0)), ("no_signal", (h + m == 0)),
+                     ("empty", (h + m + fa + cr == 0))):
+        out = np.where(bad, key, out)   # later checks win: the most basic reason is reported
+    return out
+
+
+def proportion_interval(x: Any, n: Any, level: float = 0.95, method: str = "wilson") -> np.ndarray:
+    """Two-sided interval for a binomial proportion from ``x`` successes in ``n`` trials.
+
+    ``x`` and ``n`` may be non-integer (effective counts ``x / deff``, ``n / deff`` under clustering).
+    Methods: ``"wilson"`` (score interval), ``"cp"`` (Clopper-Pearson, beta quantiles) and
+    ``"jeffreys"`` (equal-tailed Beta(x + 1/2, n - x + 1/2)); the beta forms put 0 / 1 at the ends when
+    ``x == 0`` / ``x == n`` (Brown, Cai & DasGupta 2001).  Returns shape ``(..., 2)``; nan where ``n == 0``.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = np.asarray(n, dtype=np.float64)
+    x, n = np.broadcast_arrays(x, n)
+    a = (1.0 - level) / 2.0
+    ok = n > 0
+    ns = np.where(ok, n, 1.0)
+    xs = np.clip(np.where(ok, x, 0.0), 0.0, ns)
+    if method == "wilson":
+        z = ndtri(1.0 - a)
+        p = xs / ns
+        den = 1.0 + z * z / ns
+        mid = (p + z * z / (2.0 * ns)) / den
+        half = z / den * np.sqrt(p * (1.0 - p) / ns + z * z / (4.0 * ns * ns))
+        lo = np.where(xs <= 0.0, 0.0, np.clip(mid - half, 0.0, 1.0))   # exact ends, not 1 - 1e-16
+        hi = np.where(xs >= ns, 1.0, np.clip(mid + half, 0.0, 1.0))
+    elif method in ("cp", "jeffreys"):
+        s = 0.0 if method == "cp" else 0.5
+        with np.errstate(all="ignore"):
+            lo = betaincinv(np.maximum(xs + s, 1e-12) if s else np.maximum(xs, 1e-12), ns - xs + 1.0 - s, a)
+            hi = betaincinv(xs + 1.0 - s, np.maximum(ns - xs + s, 1e-12) if s else np.maximum(ns - xs, 1e-12),
+                            1.0 - a)
+        lo = np.where(xs <= 0.0, 0.0, lo)
+        hi = np.where(xs >= ns, 1.0, hi)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    out = np.stack([lo, hi], axis=-1)
+    return np.where(ok[..., None], out, np.nan)
+
+
+def cluster_design_effect(y: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Design effect of the ratio estimate ``sum(y) / sum(m)`` when units are resampled as wholes.
+
+    ``y`` (successes) and ``m`` (trials) have shape ``(n_units, ...)``.  The cluster-robust
+    (linearisation) variance ``K/(K-1) * sum_i (y_i - p m_i)^2 / M^2`` (``K`` units with ``m_i > 0``,
+    ``M = sum m_i``) divided by the binomial ``p (1 - p) / M``; floored at 1 and 1 where ``p`` is 0
+    or 1 (no variance to compare).  With one trial per unit it is ``K/(K-1)``, i.e. about 1.
+    """
+    y = np.asarray(y, dtype=np.float64)
+    m = np.asarray(m, dtype=np.float64)
+    big_m = m.sum(axis=0)
+    k = (m > 0).sum(axis=0)
+    with np.errstate(all="ignore"):
+        p = y.sum(axis=0) / big_m
+        ss = ((y - p * m) ** 2).sum(axis=0)
+        deff = k / (k - 1.0) * ss / (big_m * p * (1.0 - p))
+    good = (k > 1) & (p > 0) & (p < 1) & np.isfinite(deff)
+    return np.where(good, np.maximum(deff, 1.0), 1.0)
+
+
+def _z_interval(table: np.ndarray, succ: int, fail: int, level: float, method: str):
+    """z-scale point (log-linear rate) and interval (of the raw rate, design-effect deflated)."""
+    y = table[..., succ].astype(np.float64)
+    m = y + table[..., fail]
+    deff = cluster_design_effect(y, m)
+    x, n = y.sum(axis=0), m.sum(axis=0)
+    ci = proportion_interval(x / deff, n / deff, level, method)
+    with np.errstate(all="ignore"):
+        point = ndtri((x + 0.5) / (n + 1.0))
+        return point, ndtri(ci[..., 0]), ndtri(ci[..., 1]), ci, deff
+
+
+def sdt_intervals(table: np.ndarray, level: float = 0.95, method: str = "wilson") -> dict[str, np.ndarray]:
+    """Analytic intervals of H, FA, d', c and accuracy from a per-unit count table.
+
+    ``table`` has shape ``(n_units, ..., 4)`` (a unit = a prompt with its repeats/paraphrases; see
+    :func:`count_table`).  H, FA and accuracy: a ``method`` interval (:func:`proportion_interval`) on
+    the *raw* counts deflated by the cluster design effect of each rate (:func:`cluster_design_effect`).
+    d' and c: the H and FA intervals mapped through ``z = Phi^-1`` and combined by MOVER (Zou & Donner
+    2008) around the log-linear point estimates ``z(H)`` and ``z(FA)`` of :func:`sdt_from_counts`,
+    with the cluster-robust correlation of the two rates.  An interval bound of +-inf means the data
+    cannot bound the statistic on that side (e.g. no misses: H may be 1, so d' has no upper bound).
+    Cells where d' and c are :func:`unmeasurable` get nan for them, as do rates of empty classes.
+    Returns ``{stat: array(..., 2)}`` in the order of :data:`STAT_NAMES`.
+    """
+    t = np.asarray(table)
+    zh, lh, uh, ci_h, _ = _z_interval(t, 0, 1, level, method)
+    zf, lf, uf, ci_f, _ = _z_interval(t, 2, 3, level, method)
+    dh_lo, dh_hi, df_lo, df_hi = zh - lh, uh - zh, zf - lf, uf - zf
+    with np.errstate(all="ignore"):
+        d_lo = (zh - zf) - np.hypot(dh_lo, df_hi)
+        d_hi = (zh - zf) + np.hypot(dh_hi, df_lo)
+        s_lo = (zh + zf) - np.hypot(dh_lo, df_lo)
+        s_hi = (zh + zf) + np.hypot(dh_hi, df_hi)
+    correct = t[..., 0] + t[..., 3]
+    deff_a = cluster_design_effect(correct, t.sum(axis=-1))
+    k, n = correct.sum(axis=0), t.sum(axis=(0, -1))
+    ci_a = proportion_interval(k / deff_a, n / deff_a, level, method)
+    bad = (unmeasurable(t.sum(axis=0)) != "")[..., None]
+    return {
+        "accuracy": ci_a, "hit_rate": ci_h, "false_alarm_rate": ci_f,
+        "d_prime": np.where(bad, np.nan, np.stack([d_lo, d_hi], axis=-1)),
+        "criterion": np.where(bad, np.nan, np.stack([-s_hi / 2.0, -s_lo / 2.0], axis=-1)),
+    }
 
 
 def simulate(n_prompts: int, repeats: int, d_prime: float, criterion: float, *,

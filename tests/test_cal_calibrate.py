@@ -77,7 +77,8 @@ def test_single_class_model_never_refuses():
     t = DatapointTable.from_arrays(topics=["a", "b"], **d)
     res = calibrate_table(t, n_boot=100)
     s = res.policy.sdt
-    assert s.accuracy == 1.0 and s.hit_rate == 0.5 and s.small
+    assert s.accuracy == 1.0 and s.hit_rate is None and s.small   # no refusals: no hit rate to report
+    assert not s.measurable and s.d_prime is None and s.ci["d_prime"] == (None, None)
     assert "never refused" in s.reason
     assert res.policy.global_thresholds.block is None     # no predicted refusals to certify
 
