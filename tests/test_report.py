@@ -119,7 +119,8 @@ def test_d_prime_not_measurable_gets_no_value_and_a_note(tmp_path):
     md = write_report(result, tmp_path)[0].read_text()
     assert "Not measurable (no bar): cooking." in md
     row = next(line for line in md.splitlines() if line.startswith("| topic | cooking |"))
-    assert row.count("not measurable") == 3  # H, d' and c: the model never refused there
+    cells = [c.strip() for c in row.split("|")]
+    assert cells.count("not measurable") == 3  # H, d' and c: the model never refused there
     weapons = next(line for line in md.splitlines() if line.startswith("| topic | weapons |"))
     assert "not measurable" not in weapons
 
