@@ -47,9 +47,10 @@ class ActivePolicy:
         if self.policy is None:
             return default_decision(prediction)
         p, topic = prediction, prediction.topic
+        p_correct = self.policy.p_correct(topic, p.will_refuse, p.confidence, p.harm_rating, p.p_refuse_logprob)
         return Decision(
-            self.policy.decide(topic, p.will_refuse, p.confidence, p.harm_rating),
-            self.policy.p_correct(topic, p.will_refuse, p.confidence, p.harm_rating),
+            self.policy.decide(topic, p.will_refuse, p.confidence, p.harm_rating, p.p_refuse_logprob),
+            p_correct,
         )
 
 
