@@ -266,11 +266,8 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
                         "no significant signal on the fitting split, not used"))
     # the thresholds in force for each row: its topic's own, else the global ones
     group_of_topic = np.array([GLOBAL] + [t if t in cert.own_topics else GLOBAL for t in table.topics], dtype=object)
-    to_f = np.vectorize(lambda v: np.inf if v is None else float(v), otypes=[float])
-    block_cut = to_f(np.array([cert.threshold(g, "block") for g in group_of_topic], dtype=object))
-    pass_cut = to_f(np.array([cert.threshold(g, "pass") for g in group_of_topic], dtype=object))
-    cut_all = np.where(wr, block_cut[table.topic + 1], pass_cut[table.topic + 1]) if table.n else np.zeros(0)
-    routed_all = score_all >= cut_all
+    cut = np.array([np.inf if (t := cert.threshold(g)) is None else t for g in group_of_topic], dtype=np.float64)
+    routed_all = score_all >= cut[table.topic + 1]
     action_counts = {"block": int((routed_all & wr).sum()), "pass": int((routed_all & ~wr).sum()),
                      "review": int((~routed_all).sum())}
 
@@ -288,14 +285,14 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
     for t, tname in enumerate(table.topics):
         op = op_of(routed_pol, c_topic == t)
         cs = cells[1 + t]
-        own = cert.sides.get(tname) if tname in cert.own_topics else None
+        own = cert.threshold(tname) if tname in cert.own_topics else None
         topic_policies[tname] = TopicPolicy(
             n=cs.summary.n, sdt=cs.summary,
-            thresholds=None if own is None else Thresholds(block=own["block"].threshold, pass_=own["pass"].threshold),
+            thresholds=None if tname not in cert.own_topics else Thresholds(block=own, pass_=own),
             baseline=_baseline(cs), coverage=op["coverage"], expected_accuracy=op["accuracy"],
         )
     all_cal = np.ones(c_wr.shape, dtype=bool)
-    glob_op = op_of(route(score, c_wr, cert.threshold(GLOBAL, "block"), cert.threshold(GLOBAL, "pass")), all_cal)
+    glob_op = op_of(route(score, c_wr, cert.threshold(GLOBAL), cert.threshold(GLOBAL)), all_cal)
     pol_op = op_of(routed_pol, all_cal)
     base_mask = c_conf == 5
     nb, kb = int(base_mask.sum()), int(c_cor[base_mask].sum())
@@ -315,7 +312,7 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), data_hash=table.data_hash(),
         n=table.n, n_prompts=n_prompts, target_accuracy=target_accuracy, confidence=confidence,
         sdt=overall.summary,
-        thresholds=Thresholds(block=cert.threshold(GLOBAL, "block"), pass_=cert.threshold(GLOBAL, "pass")),
+        thresholds=Thresholds(block=cert.threshold(GLOBAL), pass_=cert.threshold(GLOBAL)),
         baseline=_baseline(overall), coverage=pol_op["coverage"], expected_accuracy=pol_op["accuracy"],
         topics=topic_policies,
         certification=Certification(
@@ -332,7 +329,7 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
                         "calibrated_heldout": ece_prob(score, c_cor)},
         risk_coverage=rc,
         operating_points={"policy": pol_op, "global_thresholds": glob_op, "baseline_conf5": base_op},
-        sides=cert.sides, certified=cert, actions=action_counts, split={"fit_prompts": int(n_fit), "calibration_prompts": int(n_prompts - n_fit),
+        sides={g: {"block": st, "pass": st} for g, st in cert.groups.items()}, certified=cert, actions=action_counts, split={"fit_prompts": int(n_fit), "calibration_prompts": int(n_prompts - n_fit),
                             "fit_rows": int(fit_rows.sum()), "calibration_rows": int(cal_rows.sum())},
         notes=notes,
     )
@@ -359,7 +356,7 @@ def fit_and_certify(table: DatapointTable, fit_rows: np.ndarray, target_accuracy
                              p_refuse_logprob=None if lp is None else lp[fit_rows])
     score = rec.apply_many(wr, conf, table.harm_rating, table.topic, topic_names=table.topics,
                            p_refuse_logprob=lp)
-    cert = certify_policy(score, wr, correct, table.topic, table.prompt, fit_rows, table.topics,
+    cert = certify_policy(score, correct, table.topic, table.prompt, fit_rows, table.topics,
                           target_accuracy, 1.0 - confidence)
     return rec, score, cert
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.stats import beta as _beta
+from scipy.special import betaincinv
 
 __all__ = [
     "SideThreshold",
@@ -120,7 +120,7 @@ def cp_upper_error(errors: Any, n: Any, delta: float) -> np.ndarray:
     k = np.asarray(errors, dtype=np.float64)
     n = np.asarray(n, dtype=np.float64)
     with np.errstate(all="ignore"):
-        ub = _beta.ppf(1.0 - delta, k + 1.0, np.maximum(n - k, 1e-12))
+        ub = betaincinv(k + 1.0, np.maximum(n - k, 1e-12), 1.0 - delta)
     return np.where(n > 0, np.where(k >= n, 1.0, ub), 1.0)
 
 
@@ -169,6 +169,48 @@ def design_effect(unit: Any, y: Any, strata: Any | None = None) -> float:
     return 1.0 + (_mean_cluster_size(unit) - 1.0) * icc(unit, y, strata)
 
 
+def _nested_bounds(score: np.ndarray, errors: np.ndarray, unit: np.ndarray, cutoffs: np.ndarray,
+                   delta: float, icc_prior: float) -> tuple[np.ndarray, ...]:
+    """:func:`cluster_bound` of the ``cutoffs[i]`` highest-scoring rows, for every i at once.
+
+    Rows are added in descending score; per-cluster sums are updated incrementally, so the
+    cluster-robust variance ``sum_j (e_j - p n_j)^2 = S_ee - 2 p S_en + p^2 S_nn`` is read off
+    cumulative sums.  Returns (upper bound, errors, n, clusters, design effect) arrays.
+    """
+    order = np.argsort(-score, kind="stable")
+    x = errors[order].astype(np.float64)
+    _, u = np.unique(unit[order], return_inverse=True)
+    by_cluster = np.lexsort((np.arange(u.size), u))      # rows grouped by cluster, in score order
+    first = np.r_[True, u[by_cluster][1:] != u[by_cluster][:-1]]
+    start = np.maximum.accumulate(np.where(first, np.arange(u.size), 0))
+    prior_n = np.empty(u.size)
+    prior_n[by_cluster] = np.arange(u.size) - start
+    cx = np.cumsum(x[by_cluster])
+    prior_e = np.empty(u.size)
+    prior_e[by_cluster] = cx - x[by_cluster] - np.r_[0.0, cx][start]
+    k = np.cumsum(x)
+    s_ee = np.cumsum(2 * prior_e * x + x * x)
+    s_en = np.cumsum(prior_e + x * prior_n + x)
+    s_nn = np.cumsum(2 * prior_n + 1)
+    g = np.cumsum(prior_n == 0)
+    m_max = np.maximum.accumulate(prior_n + 1)
+    i = np.asarray(cutoffs, dtype=np.int64) - 1
+    ok = i >= 0
+    i = np.maximum(i, 0)
+    n = (i + 1).astype(np.float64)
+    k, s_ee, s_en, s_nn, g, m_max = k[i], s_ee[i], s_en[i], s_nn[i], g[i], m_max[i]
+    deff = 1.0 + (s_nn / n - 1.0) * min(max(icc_prior, 0.0), 1.0)
+    with np.errstate(all="ignore"):
+        p = k / n
+        v_cl = g / (g - 1) * (s_ee - 2 * p * s_en + p * p * s_nn) / (n * n)
+        ratio = v_cl / (p * (1 - p) / n)
+    usable = (k > 0) & (k < n) & (g > 1)
+    deff = np.minimum(np.maximum(np.where(usable, np.maximum(deff, ratio), deff), 1.0), m_max)
+    ub = cp_upper_error(k / deff, n / deff, delta)
+    return (np.where(ok, ub, 1.0), np.where(ok, k, 0).astype(np.int64), np.where(ok, n, 0).astype(np.int64),
+            np.where(ok, g, 0).astype(np.int64), np.where(ok, deff, 1.0))
+
+
 def cluster_bound(errors: Any, unit: Any, delta: float, icc_prior: float = 0.0) -> Bound:
     """Upper bound at level ``1 - delta`` on the error rate of a routed set of clustered rows.
 
@@ -176,22 +218,11 @@ def cluster_bound(errors: Any, unit: Any, delta: float, icc_prior: float = 0.0) 
     effect is the largest of 1, the cluster-robust (ratio-estimator, CR1) variance over the binomial
     variance, and Kish's ``1 + (m_w - 1) * icc_prior``; it is capped at the largest cluster size.
     """
-    e = np.asarray(errors, dtype=np.float64)
-    n = int(e.size)
-    if n == 0:
+    e = np.asarray(errors, dtype=bool)
+    if e.size == 0:
         return Bound(1.0, 0, 0, 0, 1.0)
-    _, inv, m = np.unique(np.asarray(unit), return_inverse=True, return_counts=True)
-    g = int(m.size)
-    k = float(e.sum())
-    deff = 1.0 + (float(np.sum(m * m) / n) - 1.0) * min(max(icc_prior, 0.0), 1.0)
-    if 0 < k < n and g > 1:
-        p = k / n
-        r = np.bincount(inv, weights=e) - p * m
-        v_cl = g / (g - 1) * float(np.sum(r * r)) / (n * n)
-        deff = max(deff, v_cl / (p * (1.0 - p) / n))
-    deff = min(max(deff, 1.0), float(m.max()))
-    ub = float(cp_upper_error(k / deff, n / deff, delta))
-    return Bound(ub, int(k), n, g, deff)
+    ub, k, n, g, deff = _nested_bounds(np.zeros(e.size), e, np.asarray(unit), np.array([e.size]), delta, icc_prior)
+    return Bound(float(ub[0]), int(k[0]), int(n[0]), int(g[0]), float(deff[0]))
 
 
 def _nested(score: np.ndarray, max_candidates: int) -> tuple[np.ndarray, np.ndarray]:
@@ -231,13 +262,10 @@ def candidate_sequence(score: Any, correct: Any, unit: Any, target: float, delta
     prior = icc(u, y, strata=s)
     cand, n_cum = _nested(s, max_candidates)
     scale = n_cal / s.size
-    pred, rate, share = [], [], n_cum / s.size
-    for c in cand:
-        sel = s >= c
-        b = cluster_bound(~y[sel], u[sel], delta, prior)
-        # the bound the calibration split would give if it looked like the fitting split
-        pred.append(float(cp_upper_error(b.errors * scale / b.design_effect, b.n * scale / b.design_effect, delta)))
-        rate.append(b.errors / b.n)
+    ub, k, n, _, deff = _nested_bounds(s, ~y, u, n_cum, delta, prior)
+    # the bound the calibration split would give if it looked like the fitting split
+    pred = cp_upper_error(k * scale / deff, n * scale / deff, delta)
+    rate, share = k / n, n_cum / s.size
     pred_a, rate_a = np.asarray(pred), np.asarray(rate)
     if not (pred_a <= eps).any():
         return []
@@ -259,81 +287,72 @@ def predicted_share(seq: list[tuple[float, float, float]], target: float) -> flo
 
 @dataclass(frozen=True)
 class Certified:
-    """Certified thresholds for every group and side, and how the error budget was shared."""
+    """Certified thresholds for every group, and how the error budget was shared."""
 
-    sides: dict[str, dict[str, SideThreshold]]   # group ("(global)" or a topic) -> side -> threshold
+    groups: dict[str, SideThreshold]             # group ("(global)" or a topic) -> its threshold
     own_topics: tuple[str, ...]                  # topics with thresholds of their own
     tests: int                                   # sequences tested (the Bonferroni divisor)
     delta_per_test: float | None
-    candidates: dict[str, dict[str, list[tuple[float, float, float]]]]   # the sequences tested
+    candidates: dict[str, list[tuple[float, float, float]]]   # the sequences, in testing order
 
-    def threshold(self, group: str, side: str) -> float | None:
-        return self.sides[group][side].threshold
+    def threshold(self, group: str) -> float | None:
+        return self.groups[group].threshold
 
 
 GLOBAL = "(global)"
-SIDES = (("block", True), ("pass", False))
 
 
-def certify_policy(score: Any, will_refuse: Any, correct: Any, topic: Any, unit: Any, fit: Any,
+def certify_policy(score: Any, correct: Any, topic: Any, unit: Any, fit: Any,
                    topic_names: tuple[str, ...] | list[str], target: float, delta: float,
                    min_gain: float = 0.05) -> Certified:
-    """Select on the fitting rows (``fit``), certify on the others, jointly over groups and sides.
+    """Select on the fitting rows (``fit``), certify on the others, jointly over all groups.
 
-    ``topic`` holds codes into ``topic_names`` (-1 = missing).  A topic gets thresholds of its own
+    One threshold per group on the calibrated P(correct), for both sides together (routing the
+    requests most likely to be right first is what maximises coverage at a given accuracy).
+    ``topic`` holds codes into ``topic_names`` (-1 = missing).  A topic gets a threshold of its own
     only when the fitting split predicts its own sequence certifies at least ``min_gain`` more of
-    its requests than the global thresholds would (this and every other choice before the tests
+    its requests than the global threshold would (this and every other choice before the tests
     uses the fitting split and calibration-split sizes only); all other topics, missing and unknown
     ones form the global group.  Every non-empty sequence is then tested at ``delta / m``.
     """
     s = np.asarray(score, dtype=np.float64)
-    wr = np.asarray(will_refuse, dtype=bool)
     y = np.asarray(correct, dtype=bool)
     tp = np.asarray(topic, dtype=np.int64)
     u = np.asarray(unit)
     fit = np.asarray(fit, dtype=bool)
     cal = ~fit
     names = list(topic_names)
-    d_sel = delta / (2 * (1 + len(names)))          # selection level: the most tests there could be
+    d_sel = delta / (1 + len(names))                # selection level: the most tests there could be
 
-    def seq(mask: np.ndarray, want: bool, d: float) -> list[tuple[float, float, float]]:
-        f, c = mask & fit & (wr == want), mask & cal & (wr == want)
-        return candidate_sequence(s[f], y[f], u[f], target, d, int(c.sum()))
+    def seq(mask: np.ndarray) -> list[tuple[float, float, float]]:
+        f = mask & fit
+        return candidate_sequence(s[f], y[f], u[f], target, d_sel, int((mask & cal).sum()))
 
     everything = np.ones(s.shape, dtype=bool)
-    glob_all = {side: seq(everything, want, d_sel) for side, want in SIDES}
+    glob_all = seq(everything)
+    g_cut = [c for c, b, _ in glob_all if b <= 1.0 - target]
     own: list[str] = []
     for t, name in enumerate(names):
         tmask = tp == t
-        gain = 0.0
-        for side, want in SIDES:
-            mine = predicted_share(seq(tmask, want, d_sel), target)
-            # what the global thresholds would route of this topic's fitting rows
-            g = glob_all[side]
-            g_cut = [c for c, b, _ in g if b <= 1.0 - target]
-            f = tmask & fit & (wr == want)
-            theirs = float((s[f] >= g_cut[-1]).mean()) if g_cut and f.any() else 0.0
-            gain = max(gain, mine - theirs)
-        if gain >= min_gain:
+        f = tmask & fit
+        theirs = float((s[f] >= g_cut[-1]).mean()) if g_cut and f.any() else 0.0
+        if predicted_share(seq(tmask), target) - theirs >= min_gain:
             own.append(name)
     own_codes = [names.index(n) for n in own]
     in_global = ~np.isin(tp, own_codes) if own_codes else everything
     if not in_global.any():
         in_global = everything                          # every topic has its own: unknown topics
     groups = {GLOBAL: in_global, **{n: tp == names.index(n) for n in own}}
-    cands = {g: {side: seq(mask, want, d_sel) for side, want in SIDES} for g, mask in groups.items()}
-    m = sum(1 for g in cands.values() for sq in g.values() if sq)
+    cands = {g: seq(mask) for g, mask in groups.items()}
+    m = sum(1 for sq in cands.values() if sq)
     d_test = delta / m if m else None
-    sides: dict[str, dict[str, SideThreshold]] = {}
-    prior = {side: icc(u[fit & (wr == want)], y[fit & (wr == want)], strata=s[fit & (wr == want)])
-             for side, want in SIDES}
+    prior = icc(u[fit], y[fit], strata=s[fit])
+    out: dict[str, SideThreshold] = {}
     for g, mask in groups.items():
-        sides[g] = {}
-        for side, want in SIDES:
-            c = mask & cal & (wr == want)
-            sides[g][side] = certify_sequence([t for t, _, _ in cands[g][side]], s[c], y[c], u[c], target,
-                                              d_test if d_test is not None else delta, prior[side])
-    return Certified(sides, tuple(own), m, d_test, cands)
+        c = mask & cal
+        out[g] = certify_sequence([t for t, _, _ in cands[g]], s[c], y[c], u[c], target,
+                                  d_test if d_test is not None else delta, prior)
+    return Certified(out, tuple(own), m, d_test, cands)
 
 
 def certify_sequence(thresholds: list[float], score: Any, correct: Any, unit: Any, target: float,
@@ -344,19 +363,19 @@ def certify_sequence(thresholds: list[float], score: Any, correct: Any, unit: An
     u = np.asarray(unit)
     n_total = int(s.size)
     eps = 1.0 - target
-    tested: list[tuple[float, float]] = []
-    best: tuple[float, Bound, int, int] | None = None
-    for t in thresholds:
-        sel = s >= t
-        b = cluster_bound(~y[sel], u[sel], delta, icc_prior)
-        tested.append((float(t), b.upper))
-        if b.n == 0 or b.upper > eps:
-            break
-        best = (float(t), b, int(sel.sum()), int(y[sel].sum()))
-    if best is None:
-        return SideThreshold(None, 0, 0, n_total, None, 1.0, delta if thresholds else None, tuple(tested))
-    t, b, nr, nc = best
-    return SideThreshold(t, nr, nc, n_total, 1.0 - b.upper, b.design_effect, delta, tuple(tested))
+    if not thresholds or n_total == 0:
+        return SideThreshold(None, 0, 0, n_total, None, 1.0, delta if thresholds else None, ())
+    t = np.asarray(thresholds, dtype=np.float64)
+    n_cum = n_total - np.searchsorted(np.sort(s), t, side="left")       # rows with score >= t
+    ub, k, n, _, deff = _nested_bounds(s, ~y, u, n_cum, delta, icc_prior)
+    passed = (ub <= eps) & (n > 0)
+    n_ok = int(np.argmin(passed)) if not passed.all() else passed.size   # stop at the first failure
+    tested = tuple((float(a), float(b)) for a, b in zip(t[:n_ok + 1], ub[:n_ok + 1]))
+    if n_ok == 0:
+        return SideThreshold(None, 0, 0, n_total, None, 1.0, delta, tested)
+    j = n_ok - 1
+    return SideThreshold(float(t[j]), int(n[j]), int(n[j] - k[j]), n_total, float(1.0 - ub[j]), float(deff[j]),
+                         delta, tested)
 
 
 def n_needed(error_rate: float, target: float, delta: float, design_effect: float = 1.0) -> int | None:
