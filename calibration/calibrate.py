@@ -266,8 +266,10 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
                         "no significant signal on the fitting split, not used"))
     # the thresholds in force for each row: its topic's own, else the global ones
     group_of_topic = np.array([GLOBAL] + [t if t in cert.own_topics else GLOBAL for t in table.topics], dtype=object)
-    cut = np.array([np.inf if (t := cert.threshold(g)) is None else t for g in group_of_topic], dtype=np.float64)
-    routed_all = score_all >= cut[table.topic + 1]
+    side_cuts = _side_thresholds(cert, score_all, wr, table.topic, table.topics)
+    block_cut = np.array([_inf(side_cuts[g].block) for g in group_of_topic])
+    pass_cut = np.array([_inf(side_cuts[g].pass_) for g in group_of_topic])
+    routed_all = score_all >= np.where(wr, block_cut[table.topic + 1], pass_cut[table.topic + 1])
     action_counts = {"block": int((routed_all & wr).sum()), "pass": int((routed_all & ~wr).sum()),
                      "review": int((~routed_all).sum())}
 
@@ -285,14 +287,12 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
     for t, tname in enumerate(table.topics):
         op = op_of(routed_pol, c_topic == t)
         cs = cells[1 + t]
-        own = cert.threshold(tname) if tname in cert.own_topics else None
         topic_policies[tname] = TopicPolicy(
-            n=cs.summary.n, sdt=cs.summary,
-            thresholds=None if tname not in cert.own_topics else Thresholds(block=own, pass_=own),
+            n=cs.summary.n, sdt=cs.summary, thresholds=side_cuts.get(tname) if tname in cert.own_topics else None,
             baseline=_baseline(cs), coverage=op["coverage"], expected_accuracy=op["accuracy"],
         )
     all_cal = np.ones(c_wr.shape, dtype=bool)
-    glob_op = op_of(route(score, c_wr, cert.threshold(GLOBAL), cert.threshold(GLOBAL)), all_cal)
+    glob_op = op_of(route(score, c_wr, side_cuts[GLOBAL].block, side_cuts[GLOBAL].pass_), all_cal)
     pol_op = op_of(routed_pol, all_cal)
     base_mask = c_conf == 5
     nb, kb = int(base_mask.sum()), int(c_cor[base_mask].sum())
@@ -312,7 +312,7 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), data_hash=table.data_hash(),
         n=table.n, n_prompts=n_prompts, target_accuracy=target_accuracy, confidence=confidence,
         sdt=overall.summary,
-        thresholds=Thresholds(block=cert.threshold(GLOBAL), pass_=cert.threshold(GLOBAL)),
+        thresholds=side_cuts[GLOBAL],
         baseline=_baseline(overall), coverage=pol_op["coverage"], expected_accuracy=pol_op["accuracy"],
         topics=topic_policies,
         certification=Certification(
@@ -359,6 +359,29 @@ def fit_and_certify(table: DatapointTable, fit_rows: np.ndarray, target_accuracy
     cert = certify_policy(score, correct, table.topic, table.prompt, fit_rows, table.topics,
                           target_accuracy, 1.0 - confidence)
     return rec, score, cert
+
+
+def _inf(v: float | None) -> float:
+    return np.inf if v is None else v
+
+
+def _side_thresholds(cert: Certified, score: np.ndarray, will_refuse: np.ndarray, topic: np.ndarray,
+                     topics: tuple[str, ...]) -> dict[str, Thresholds]:
+    """Each group's certified threshold as the policy's (block, pass) pair.
+
+    Both sides share the group's threshold; a side with no datapoint at or above it (e.g. a model
+    that never predicted refusal) gets null, so the policy never auto-routes what it has not seen.
+    """
+    own = [topics.index(t) for t in cert.own_topics]
+    out = {}
+    for g, st in cert.groups.items():
+        in_g = np.isin(topic, [topics.index(g)]) if g != GLOBAL else ~np.isin(topic, own)
+        pair = []
+        for want in (True, False):
+            seen = st.threshold is not None and bool((in_g & (will_refuse == want) & (score >= st.threshold)).any())
+            pair.append(st.threshold if seen else None)
+        out[g] = Thresholds(block=pair[0], pass_=pair[1])
+    return out
 
 
 def _baseline(cs: CellStats) -> Baseline:

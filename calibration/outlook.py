@@ -89,11 +89,12 @@ def _more_needed(result: "CalibrationResult", delta: float) -> tuple[int | None,
     _, k, n, _, deff = _nested_bounds(score, ~correct, t.prompt, n_cum, delta,
                                       icc(t.prompt, correct, strata=score))
     p = k / n
+    p_plan = (k + 1) / (n + 2)          # Laplace: the best of many noisy sets looks too good otherwise
     big = n >= min(_MIN_ROUTED, score.size)
     best_rate = float(p[big].min()) if big.any() else None
     z = float(ndtri(1.0 - delta) + ndtri(_POWER))
     need = []
-    for pi, ni, di in zip(p[big], n[big], deff[big]):
+    for pi, ni, di in zip(p_plan[big], n[big], deff[big]):
         if pi >= eps:
             continue
         n_cal = max(di * pi * (1 - pi) * z * z / (eps - pi) ** 2, float(n_needed(pi, target, delta, di) or 0))
@@ -124,7 +125,8 @@ def policy_outlook(result: "CalibrationResult") -> Outlook:
     if result.split.get("calibration_rows", 0) == 0:
         return Outlook(shares["block"], shares["pass"], shares["review"], False, guarantee,
                        "there are too few prompts to hold any out for certification", None)
-    needed, best = _more_needed(result, delta)
+    # the selection step tests at delta / (1 + topics) (calibration.thresholds.certify_policy)
+    needed, best = _more_needed(result, delta / (1 + len(result.table.topics)))
     if needed is None:
         acc = "" if best is None else f" (the most accurate set of at least {_MIN_ROUTED} of them is right {_pct(1 - best)} of the time)"
         why = (f"no group of requests the probe's answers pick out is at least {target} accurate on these "
