@@ -1,6 +1,6 @@
 """Realised guarantee and coverage of the routing thresholds, old procedure vs new, with known truth.
 
-    python3 benchmarks/routing_guarantee.py [--deployments 300] [--seed 0] [--quick]
+    python3 benchmarks/routing_guarantee.py [--deployments 200] [--seed 0] [--quick]
 
 Each simulated *deployment* draws a calibration data set (prompts x 3 paraphrases sharing an id,
 correctness correlated within a prompt), fits a policy with the old procedure (policy schema 1:
@@ -37,7 +37,7 @@ from scipy.stats import norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration.calibrate import FIT_FRACTION, fit_and_certify, split_prompts  # noqa: E402
+from calibration.calibrate import FIT_FRACTION, fit_and_certify, policy_thresholds, split_prompts  # noqa: E402
 from calibration.datapoints import DatapointTable  # noqa: E402
 from calibration.reliability import Recalibrator  # noqa: E402
 from calibration.thresholds import GLOBAL, cluster_bound, ltt_threshold  # noqa: E402
@@ -173,10 +173,11 @@ def _cut(v: float | None) -> float:
 
 def run_new(world: World, table: DatapointTable, rng: np.random.Generator) -> tuple[bool, bool, float]:
     fit_rows = split_prompts(len(table.prompt_ids), FIT_FRACTION, rng)[table.prompt]
-    rec, _, cert = fit_and_certify(table, fit_rows, TARGET, CONFIDENCE)
+    rec, score, cert = fit_and_certify(table, fit_rows, TARGET, CONFIDENCE)
     names = np.array([f"t{i}" for i in range(world.n_topics)], dtype=object)
     group_of = np.array([n if n in cert.own_topics else GLOBAL for n in names], dtype=object)
-    cuts = {g: (_cut(cert.threshold(g)), _cut(cert.threshold(g))) for g in cert.groups}
+    th = policy_thresholds(cert, score, table.will_refuse, table.topic, table.topics)
+    cuts = {g: (_cut(t.block), _cut(t.pass_)) for g, t in th.items()}
     return world.evaluate(world.score_pop(rec), cuts, group_of)
 
 
@@ -229,44 +230,57 @@ def row(world: World, n: int, deployments: int, seed: int, old: bool = True) -> 
     return out
 
 
+def _main_row(job: tuple) -> tuple:
+    regime, n_topics, n, d, seed, world_seed = job
+    return job, row(World(regime, n_topics, None, seed=world_seed), n, d, seed)
+
+
+def _lp_row(job: tuple) -> tuple:
+    regime, lp, d, seed, world_seed = job
+    return job, row(World(regime, 1, lp, seed=world_seed, n_pop=100_000), 9000, d, seed, old=False)
+
+
 def main() -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--deployments", type=int, default=300)
+    ap.add_argument("--deployments", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="50 deployments, for a smoke run")
+    ap.add_argument("--jobs", type=int, default=2, help="worker processes (rows are seeded independently)")
     args = ap.parse_args()
     d = 50 if args.quick else args.deployments
     t0 = time.perf_counter()
     se = np.sqrt(0.95 * 0.05 / d)
-    print(f"target accuracy {TARGET}, confidence {CONFIDENCE}; {d} deployments per row "
-          f"(binomial SE of a share near .95: {se:.3f}); met = every group and side routes at true "
-          f"accuracy >= target; cov = mean share of requests auto-routed; any = share of deployments "
-          f"auto-routing something; conf5 = the 'confidence 5 only' rule (coverage, true accuracy, share "
-          f"of deployments where one cluster-corrected Clopper-Pearson check on all data certifies it)")
-    head = (f"{'regime':<20}{'topics':>6}{'n':>6}  {'old met':>7}{'cov':>6}{'any':>6}  {'new met':>7}{'cov':>6}"
-            f"{'any':>6}  {'conf5 cov':>9}{'acc':>7}{'cert':>6}")
+    print(f"target accuracy {TARGET}, confidence {CONFIDENCE}; {d} deployments per row (binomial SE of a "
+          f"share near .95: {se:.3f}, near .99: {np.sqrt(0.99 * 0.01 / d):.3f})\n"
+          f"met = share of deployments where every threshold group's auto-routed requests have true accuracy "
+          f">= target (the guarantee; groups are topics for the old procedure); side = the same for every "
+          f"side of every group (claimed by the old procedure, not by the new); cov = mean share of requests "
+          f"auto-routed; any = share of deployments auto-routing something; conf5 = the 'confidence 5 only' "
+          f"rule: coverage, true accuracy, share of deployments where one cluster-corrected Clopper-Pearson "
+          f"check on all the data certifies it")
+    head = (f"{'regime':<20}{'topics':>6}{'n':>6}  {'old met':>7}{'side':>6}{'cov':>6}{'any':>6}  {'new met':>7}"
+            f"{'side':>6}{'cov':>6}{'any':>6}  {'conf5 cov':>9}{'acc':>7}{'cert':>6}")
     print(head)
     print("-" * len(head))
-    seed = args.seed
-    for regime in REGIMES:
-        for n_topics in (1, 10):
-            world = World(regime, n_topics, None, seed=10_000 + seed)
-            for n in (900, 9000):
-                seed += 1
-                r = row(world, n, d, seed)
-                print(f"{regime.name:<20}{n_topics:>6}{n:>6}  {r['old_ok']:>7.3f}{r['old_cov']:>6.3f}"
-                      f"{r['old_routed_any']:>6.2f}  {r['new_ok']:>7.3f}{r['new_cov']:>6.3f}{r['new_routed_any']:>6.2f}"
-                      f"  {r['c5_cov']:>9.3f}{r['c5_acc']:>7.4f}{r['c5']:>6.2f}", flush=True)
-    print()
-    print("continuous score (p_refuse_logprob), new procedure, 1 topic, n = 9000")
-    head2 = f"{'regime':<20}{'logprob':>12}  {'met':>6}{'cov':>7}"
-    print(head2)
-    print("-" * len(head2))
-    for regime in (REGIMES[4], REGIMES[0]):
-        for lp in (None, "none", "signal"):
-            seed += 1
-            world = World(regime, 1, lp, seed=20_000 + seed)
-            r = row(world, 9000, d, seed, old=False)
+    jobs = [(regime, n_topics, n, d, args.seed + 100 * i + 10 * j + k, 10_000 + args.seed + 10 * i + j)
+            for i, regime in enumerate(REGIMES) for j, n_topics in enumerate((1, 10)) for k, n in enumerate((900, 9000))]
+    lp_jobs = [(regime, lp, d, args.seed + 5000 + 10 * i + j, 20_000 + args.seed + i)
+               for i, regime in enumerate((REGIMES[4], REGIMES[0])) for j, lp in enumerate((None, "none", "signal"))]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        lp_results = pool.map(_lp_row, lp_jobs)
+        for (regime, n_topics, n, *_), r in pool.map(_main_row, jobs):
+            print(f"{regime.name:<20}{n_topics:>6}{n:>6}  {r['old_ok']:>7.3f}{r['old_side']:>6.3f}"
+                  f"{r['old_cov']:>6.3f}{r['old_routed_any']:>6.2f}  {r['new_ok']:>7.3f}{r['new_side']:>6.3f}"
+                  f"{r['new_cov']:>6.3f}{r['new_routed_any']:>6.2f}"
+                  f"  {r['c5_cov']:>9.3f}{r['c5_acc']:>7.4f}{r['c5']:>6.2f}", flush=True)
+        print()
+        print("continuous score (p_refuse_logprob), new procedure, 1 topic, n = 9000")
+        head2 = f"{'regime':<20}{'logprob':>12}  {'met':>6}{'cov':>7}"
+        print(head2)
+        print("-" * len(head2))
+        for (regime, lp, *_), r in lp_results:
             print(f"{regime.name:<20}{str(lp if lp else 'absent'):>12}  {r['new_ok']:>6.3f}{r['new_cov']:>7.3f}", flush=True)
     print(f"\n{time.perf_counter() - t0:.0f} s")
 

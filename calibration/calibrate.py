@@ -35,7 +35,7 @@ from calibration.thresholds import (GLOBAL, Certified, SideThreshold, certify_po
                                     risk_coverage, route)
 
 __all__ = ["CalibrationError", "CalibrationResult", "CellStats", "calibrate", "calibrate_table",
-           "split_prompts", "fit_and_certify", "FIT_FRACTION",
+           "split_prompts", "fit_and_certify", "policy_thresholds", "FIT_FRACTION",
            "MIN_CELL_N", "MIN_CELL_PROMPTS", "MIN_CLASS_N"]
 
 #: Cells below these sizes are marked ``small`` (their intervals are wide or unreliable).
@@ -266,7 +266,7 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
                         "no significant signal on the fitting split, not used"))
     # the thresholds in force for each row: its topic's own, else the global ones
     group_of_topic = np.array([GLOBAL] + [t if t in cert.own_topics else GLOBAL for t in table.topics], dtype=object)
-    side_cuts = _side_thresholds(cert, score_all, wr, table.topic, table.topics)
+    side_cuts = policy_thresholds(cert, score_all, wr, table.topic, table.topics)
     block_cut = np.array([_inf(side_cuts[g].block) for g in group_of_topic])
     pass_cut = np.array([_inf(side_cuts[g].pass_) for g in group_of_topic])
     routed_all = score_all >= np.where(wr, block_cut[table.topic + 1], pass_cut[table.topic + 1])
@@ -365,7 +365,7 @@ def _inf(v: float | None) -> float:
     return np.inf if v is None else v
 
 
-def _side_thresholds(cert: Certified, score: np.ndarray, will_refuse: np.ndarray, topic: np.ndarray,
+def policy_thresholds(cert: Certified, score: np.ndarray, will_refuse: np.ndarray, topic: np.ndarray,
                      topics: tuple[str, ...]) -> dict[str, Thresholds]:
     """Each group's certified threshold as the policy's (block, pass) pair.
 
