@@ -224,3 +224,31 @@ def test_outlook_more_datapoints_is_about_right():
     at = sum(certified(n_prompts, s) for s in range(10))
     quarter = sum(certified(max(n_prompts // 4, 10), s) for s in range(10))
     assert at >= 6 and quarter < at
+
+
+def test_p_refuse_logprob_is_read_from_jsonl_and_sqlite(tmp_path):
+    import sqlite3
+
+    from calibration.datapoints import SQLITE_DDL, read_datapoints
+
+    d = simulate(20, 2, 2.0, 0.0, seed=12)
+    f = _jsonl(tmp_path / "d.jsonl", d, ["t"])
+    rows = [json.loads(x) for x in f.read_text().splitlines()]
+    for i, r in enumerate(rows):
+        r["p_refuse_logprob"] = None if i % 4 == 0 else i / 100
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    t = read_datapoints([f])
+    assert np.isnan(t.p_refuse_logprob[0]) and t.p_refuse_logprob[1] == pytest.approx(0.01)
+    db = tmp_path / "d.sqlite3"
+    con = sqlite3.connect(db)
+    con.executescript(SQLITE_DDL)
+    cols = ["id", "will_refuse", "confidence", "refused", "p_refuse_logprob"]
+    con.executemany(f"INSERT INTO datapoints ({', '.join(cols)}) VALUES (?, ?, ?, ?, ?)",
+                    [(r["id"], int(r["will_refuse"]), r["confidence"], int(r["refused"]), r["p_refuse_logprob"])
+                     for r in rows])
+    con.commit()
+    con.close()
+    s = read_datapoints([db])
+    assert np.array_equal(np.isnan(s.p_refuse_logprob), np.isnan(t.p_refuse_logprob))
+    assert read_datapoints([_jsonl(tmp_path / "e.jsonl", d, ["t"])]).p_refuse_logprob is None   # all null
+    assert t.data_hash() != read_datapoints([_jsonl(tmp_path / "g.jsonl", d, ["t"])]).data_hash()
