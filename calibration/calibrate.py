@@ -329,8 +329,10 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
                         "calibrated_heldout": ece_prob(score, c_cor)},
         risk_coverage=rc,
         operating_points={"policy": pol_op, "global_thresholds": glob_op, "baseline_conf5": base_op},
-        sides={g: {"block": st, "pass": st} for g, st in cert.groups.items()}, certified=cert, actions=action_counts, split={"fit_prompts": int(n_fit), "calibration_prompts": int(n_prompts - n_fit),
-                            "fit_rows": int(fit_rows.sum()), "calibration_rows": int(cal_rows.sum())},
+        sides={g: {"block": st, "pass": st} for g, st in cert.groups.items()}, certified=cert,
+        actions=action_counts,
+        split={"fit_prompts": int(n_fit), "calibration_prompts": int(n_prompts - n_fit),
+               "fit_rows": int(fit_rows.sum()), "calibration_rows": int(cal_rows.sum())},
         notes=notes,
     )
 

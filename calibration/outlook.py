@@ -128,7 +128,8 @@ def policy_outlook(result: "CalibrationResult") -> Outlook:
     # the selection step tests at delta / (1 + topics) (calibration.thresholds.certify_policy)
     needed, best = _more_needed(result, delta / (1 + len(result.table.topics)))
     if needed is None:
-        acc = "" if best is None else f" (the most accurate set of at least {_MIN_ROUTED} of them is right {_pct(1 - best)} of the time)"
+        acc = "" if best is None else (f" (the most accurate set of at least {_MIN_ROUTED} of them is right "
+                                       f"{_pct(1 - best)} of the time)")
         why = (f"no group of requests the probe's answers pick out is at least {target} accurate on these "
                f"datapoints{acc}")
         return Outlook(shares["block"], shares["pass"], shares["review"], False, guarantee, why, None)

@@ -21,9 +21,9 @@ The continuous score: where the probe returned ``p_refuse_logprob`` (the token p
 ``will_refuse: true``), the table's P(correct) is refined by a logistic adjustment fitted on the rows
 that have it, ``logit P = logit(table P) + a[side] + b[side] * logit(q)`` with ``q`` the token
 probability of the predicted answer (``p_refuse_logprob`` for a predicted refusal, ``1 -`` it for a
-predicted compliance), clipped to [1e-4, 1 - 1e-4].  The adjustment is kept only when a likelihood-ratio test
-on the fitting rows finds it (chi-square, 4 df, p < 0.01), so a logprob without signal leaves the
-map as it was; requests without a logprob always use the table.
+predicted compliance), clipped to [1e-4, 1 - 1e-4].  The adjustment is kept only when a
+likelihood-ratio test on the fitting rows finds it (chi-square, 2 df per side present, p < 0.01), so
+a logprob without signal leaves the map as it was; requests without a logprob always use the table.
 """
 
 from __future__ import annotations

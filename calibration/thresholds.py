@@ -1,31 +1,35 @@
 """Selective-routing thresholds with a finite-sample accuracy guarantee, and risk-coverage curves.
 
-A request is auto-routed when its calibrated P(correct) reaches the threshold of its side (``block``
-for predicted refusals, ``pass`` for predicted compliance) in its *group* (a topic with thresholds of
-its own, or the global group: every other topic, unknown topics included); everything else goes to
-review.
+A request is auto-routed (blocked if predicted refuse, passed if predicted comply) when its calibrated
+P(correct) reaches the threshold of its *group*: a topic with a threshold of its own, or the global
+group (every other topic, unknown topics included); everything else goes to review.  One threshold
+per group serves both sides: routing the requests most likely to be right first is what maximises
+coverage at a given accuracy.
 
-Procedure (select on the fitting split, certify on the calibration split; Bates et al. 2021 /
-Angelopoulos et al. 2021 "Learn then Test" with fixed-sequence testing):
+Procedure (select on the fitting split, certify on the calibration split; Learn-then-Test,
+Angelopoulos et al. 2021, with fixed-sequence testing):
 
-1. **Select** (:func:`candidate_sequence`, fitting split only).  For one group and side the candidate
+1. **Select** (:func:`candidate_sequence`, fitting split only).  For one group the candidate
    thresholds are the distinct scores (thinned to at most ``max_candidates`` nested sets).  For each,
    the fitting split predicts the bound the test would give on the calibration split (its error rate
    and design effect, scaled to the calibration split's size).  The sequence starts at the candidate
    with the *smallest* predicted bound (the one most likely to pass, usually a large set, never a
    tiny noisy one) and continues through every looser candidate whose fitting-split error rate is
-   within the target.  A group/side with no such candidate is not tested at all.
-2. **Share delta**: with ``m`` = the number of sequences actually tested (over both sides and every
-   group), each sequence gets ``delta / m`` (Bonferroni).  ``m`` is fixed before any calibration
-   label is looked at (it depends on the fitting split and on calibration-split sizes only).
+   within the target.  A group with no candidate predicted to pass is not tested at all.  A topic is
+   its own group only if the fitting split predicts a gain in coverage over the global threshold
+   (:func:`certify_policy`).
+2. **Share delta**: with ``m`` = the number of sequences actually tested, each gets ``delta / m``
+   (Bonferroni).  ``m`` is fixed before any calibration label is looked at (it depends on the fitting
+   split and on calibration-split sizes only).
 3. **Certify** (:func:`certify_sequence`, calibration split): candidates are tested in sequence order
    at level ``delta / m``; the null "error rate of the requests this threshold routes > 1 - target"
    is rejected when the one-sided Clopper-Pearson upper bound on the error rate, with counts deflated
    by the design effect (:func:`cluster_bound`), is <= ``1 - target``.  Testing stops at the first
    non-rejection; the last rejected (loosest certified) threshold is kept.  Fixed-sequence testing
    with an order fixed in advance controls the family-wise error of one sequence at its level; the
-   Bonferroni share makes it hold jointly.  So, with probability >= 1 - delta, **every** side of every
-   group auto-routes requests with accuracy >= target (and hence so does any mix of them).
+   Bonferroni share makes it hold jointly.  So, with probability >= 1 - delta, **every** group's
+   auto-routed requests (both sides together) have accuracy >= target, and hence so does any mix of
+   groups.  One side of a group may be below the target when the other is above it.
 
 Clustering: repeats and paraphrases of one prompt share an ``id`` and their correctness is
 correlated, so rows are not independent trials.  :func:`cluster_bound` uses an effective sample size
@@ -37,13 +41,13 @@ split happens to show few errors.  This is an approximation, not an exact bound:
 guarantee is measured by ``benchmarks/routing_guarantee.py`` with clustered data of known truth.
 With one request per prompt it is the exact Clopper-Pearson test.
 
-Assumptions: prompts (clusters) are exchangeable between calibration and deployment, within each
+Assumptions: prompts (clusters) are exchangeable between calibration and deployment within each
 group (the topic mix may change: the guarantee is per group); the scores come from a model fitted on
 prompts disjoint from the calibration split (``calibrate.py`` splits by prompt).
 
 :func:`ltt_threshold` is the previous procedure (fixed sequence from the strictest candidate, one
-sequence per side at ``delta / 2``, stopping at the first failure), kept for comparison in the
-benchmarks.
+sequence per side and topic at ``delta / 2``, stopping at the first failure), kept for comparison in
+the benchmarks.
 """
 
 from __future__ import annotations
@@ -77,7 +81,8 @@ __all__ = [
 
 @dataclass(frozen=True)
 class SideThreshold:
-    """The certified threshold for one side of one group and what it routes on the calibration data."""
+    """The certified threshold of one group (or one side, for :func:`ltt_threshold`) and what it routes
+    on the calibration data."""
 
     threshold: float | None
     n_routed: int
@@ -246,9 +251,9 @@ def _nested(score: np.ndarray, max_candidates: int) -> tuple[np.ndarray, np.ndar
 
 def candidate_sequence(score: Any, correct: Any, unit: Any, target: float, delta: float,
                        n_cal: int, max_candidates: int = 40) -> list[tuple[float, float, float]]:
-    """The fixed testing order for one group/side, chosen on the fitting split (see module doc).
+    """The fixed testing order for one group, chosen on the fitting split (see module doc).
 
-    ``score``/``correct``/``unit`` are the fitting split's rows of this group and side; ``n_cal`` is
+    ``score``/``correct``/``unit`` are the fitting split's rows of this group; ``n_cal`` is
     the number of calibration-split rows the sequence will be tested on (label-free).  Returns
     ``(threshold, predicted bound, fitting-split share routed)`` to test, in order (empty: nothing
     worth testing).
