@@ -1,6 +1,7 @@
 """Realised guarantee and coverage of the routing thresholds, old procedure vs new, with known truth.
 
-    python3 benchmarks/routing_guarantee.py [--deployments 200] [--seed 0] [--quick]
+    python3 benchmarks/routing_guarantee.py [--deployments 200] [--seed 0] [--quick] [--jobs 2]
+        [--rho 0.5] [--only SUBSTRING]
 
 Each simulated *deployment* draws a calibration data set (prompts x 3 paraphrases sharing an id,
 correctness correlated within a prompt), fits a policy with the old procedure (policy schema 1:
@@ -43,7 +44,7 @@ from calibration.reliability import Recalibrator  # noqa: E402
 from calibration.thresholds import GLOBAL, cluster_bound, ltt_threshold  # noqa: E402
 
 TARGET, CONFIDENCE = 0.98, 0.95
-RHO = 0.5                      # share of evidence variance shared by a prompt's paraphrases
+RHO = 0.5                      # share of evidence variance shared by a prompt's paraphrases (--rho)
 PAPER_CONF = (0.02, 0.03, 0.10, 0.25, 0.60)
 SONNET45_CONF = (0.0025, 0.0025, 0.005, 0.14, 0.85)
 HARM_Q = (0.35, 0.55, 0.70, 0.85)
@@ -77,8 +78,9 @@ REGIMES = [
 class World:
     """One regime x topic count: draws calibration data and holds the population with known truth."""
 
-    def __init__(self, regime: Regime, n_topics: int, logprob: str | None, seed: int, n_pop: int = 200_000):
-        self.r, self.n_topics, self.logprob = regime, n_topics, logprob
+    def __init__(self, regime: Regime, n_topics: int, logprob: str | None, seed: int, n_pop: int = 200_000,
+                 rho: float = RHO):
+        self.r, self.n_topics, self.logprob, self.rho = regime, n_topics, logprob, rho
         self.pi = np.linspace(0.2, 0.5, n_topics) if n_topics > 1 else np.array([0.35])
         rng = np.random.default_rng(seed)
         topic = rng.integers(0, n_topics, n_pop)
@@ -125,11 +127,11 @@ class World:
         ptopic = (np.arange(n_prompts) % self.n_topics)
         topic = ptopic[prompt]
         s = (rng.random(n_prompts) < self.pi[ptopic])[prompt]
-        a = rng.normal(0, np.sqrt(RHO), n_prompts)[prompt]
-        x = np.where(s, self.r.d / 2, -self.r.d / 2) + a + rng.normal(0, np.sqrt(1 - RHO), prompt.size)
+        a = rng.normal(0, np.sqrt(self.rho), n_prompts)[prompt]
+        x = np.where(s, self.r.d / 2, -self.r.d / 2) + a + rng.normal(0, np.sqrt(1 - self.rho), prompt.size)
         f = self._features(x, topic, rng)
         if self.r.flat is not None:
-            g = rng.normal(0, np.sqrt(RHO), n_prompts)[prompt] + rng.normal(0, np.sqrt(1 - RHO), prompt.size)
+            g = rng.normal(0, np.sqrt(self.rho), n_prompts)[prompt] + rng.normal(0, np.sqrt(1 - self.rho), prompt.size)
             correct = g > norm.ppf(1 - self.r.flat)
             refused = np.where(correct, f["will_refuse"], ~f["will_refuse"])
         else:
@@ -231,13 +233,13 @@ def row(world: World, n: int, deployments: int, seed: int, old: bool = True) -> 
 
 
 def _main_row(job: tuple) -> tuple:
-    regime, n_topics, n, d, seed, world_seed = job
-    return job, row(World(regime, n_topics, None, seed=world_seed), n, d, seed)
+    regime, n_topics, n, d, seed, world_seed, rho = job
+    return job, row(World(regime, n_topics, None, seed=world_seed, rho=rho), n, d, seed)
 
 
 def _lp_row(job: tuple) -> tuple:
-    regime, lp, d, seed, world_seed = job
-    return job, row(World(regime, 1, lp, seed=world_seed, n_pop=100_000), 9000, d, seed, old=False)
+    regime, lp, d, seed, world_seed, rho = job
+    return job, row(World(regime, 1, lp, seed=world_seed, n_pop=100_000, rho=rho), 9000, d, seed, old=False)
 
 
 def main() -> None:
@@ -248,11 +250,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="50 deployments, for a smoke run")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (rows are seeded independently)")
+    ap.add_argument("--rho", type=float, default=RHO, help="share of evidence variance a prompt's paraphrases share")
+    ap.add_argument("--only", help="only regimes whose name contains this (skips the continuous-score table)")
     args = ap.parse_args()
     d = 50 if args.quick else args.deployments
     t0 = time.perf_counter()
     se = np.sqrt(0.95 * 0.05 / d)
-    print(f"target accuracy {TARGET}, confidence {CONFIDENCE}; {d} deployments per row (binomial SE of a "
+    print(f"target accuracy {TARGET}, confidence {CONFIDENCE}; paraphrases share {args.rho:.0%} of the evidence "
+          f"variance; {d} deployments per row (binomial SE of a "
           f"share near .95: {se:.3f}, near .99: {np.sqrt(0.99 * 0.01 / d):.3f})\n"
           f"met = share of deployments where every threshold group's auto-routed requests have true accuracy "
           f">= target (the guarantee; groups are topics for the old procedure); side = the same for every "
@@ -264,10 +269,12 @@ def main() -> None:
             f"{'side':>6}{'cov':>6}{'any':>6}  {'conf5 cov':>9}{'acc':>7}{'cert':>6}")
     print(head)
     print("-" * len(head))
-    jobs = [(regime, n_topics, n, d, args.seed + 100 * i + 10 * j + k, 10_000 + args.seed + 10 * i + j)
-            for i, regime in enumerate(REGIMES) for j, n_topics in enumerate((1, 10)) for k, n in enumerate((900, 9000))]
-    lp_jobs = [(regime, lp, d, args.seed + 5000 + 10 * i + j, 20_000 + args.seed + i)
-               for i, regime in enumerate((REGIMES[4], REGIMES[0])) for j, lp in enumerate((None, "none", "signal"))]
+    jobs = [(regime, n_topics, n, d, args.seed + 100 * i + 10 * j + k, 10_000 + args.seed + 10 * i + j, args.rho)
+            for i, regime in enumerate(REGIMES) for j, n_topics in enumerate((1, 10)) for k, n in enumerate((900, 9000))
+            if args.only is None or args.only in regime.name]
+    lp_jobs = [(regime, lp, d, args.seed + 5000 + 10 * i + j, 20_000 + args.seed + i, args.rho)
+               for i, regime in enumerate((REGIMES[4], REGIMES[0])) for j, lp in enumerate((None, "none", "signal"))
+               if args.only is None]
     with ProcessPoolExecutor(args.jobs) as pool:
         lp_results = pool.map(_lp_row, lp_jobs)
         for (regime, n_topics, n, *_), r in pool.map(_main_row, jobs):
@@ -275,13 +282,15 @@ def main() -> None:
                   f"{r['old_cov']:>6.3f}{r['old_routed_any']:>6.2f}  {r['new_ok']:>7.3f}{r['new_side']:>6.3f}"
                   f"{r['new_cov']:>6.3f}{r['new_routed_any']:>6.2f}"
                   f"  {r['c5_cov']:>9.3f}{r['c5_acc']:>7.4f}{r['c5']:>6.2f}", flush=True)
-        print()
-        print("continuous score (p_refuse_logprob), new procedure, 1 topic, n = 9000")
-        head2 = f"{'regime':<20}{'logprob':>12}  {'met':>6}{'cov':>7}"
-        print(head2)
-        print("-" * len(head2))
+        if lp_jobs:
+            print()
+            print("continuous score (p_refuse_logprob), new procedure, 1 topic, n = 9000")
+            head2 = f"{'regime':<20}{'logprob':>12}  {'met':>6}{'cov':>7}"
+            print(head2)
+            print("-" * len(head2))
         for (regime, lp, *_), r in lp_results:
-            print(f"{regime.name:<20}{str(lp if lp else 'absent'):>12}  {r['new_ok']:>6.3f}{r['new_cov']:>7.3f}", flush=True)
+            print(f"{regime.name:<20}{str(lp if lp else 'absent'):>12}  {r['new_ok']:>6.3f}{r['new_cov']:>7.3f}",
+                  flush=True)
     print(f"\n{time.perf_counter() - t0:.0f} s")
 
 
