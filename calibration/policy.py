@@ -251,7 +251,11 @@ class Policy(_Frozen):
     def decide(self, topic: str | None, will_refuse: bool, confidence: int,
                harm_rating: int | None, p_refuse_logprob: float | None = None) -> Action:
         """Apply the decision rule in the module docstring."""
-        p = self.p_correct(topic, will_refuse, confidence, harm_rating, p_refuse_logprob)
+        return self.action(topic, will_refuse, self.p_correct(topic, will_refuse, confidence, harm_rating,
+                                                              p_refuse_logprob))
+
+    def action(self, topic: str | None, will_refuse: bool, p: float) -> Action:
+        """The decision rule for a request whose calibrated P(correct) is already known."""
         th = self.thresholds(topic)
         cut = th.block if will_refuse else th.pass_
         if cut is not None and p >= cut:
