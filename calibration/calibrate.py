@@ -7,10 +7,10 @@ Pipeline, all on columnar numpy arrays:
    interval (``sdt_intervals``: design-effect Wilson for rates, MOVER for d' and c; d' and c None
    when not measurable), plus ECE and Brier of the stated confidence (``calibration.reliability``)
    with cluster-bootstrap CIs (resampling prompts: one weight matrix, one product for all cells);
-3. split the *prompts* at random into a fitting half and a calibration half; fit the
-   :class:`~calibration.reliability.Recalibrator` on the fitting half; certify thresholds on the
-   calibration half (``calibration.thresholds``) so the Learn-then-Test guarantee holds (the scores
-   must not have seen the data they are tested on);
+3. split the *prompts* at random into a fitting split (``FIT_FRACTION``) and a calibration split;
+   fit the :class:`~calibration.reliability.Recalibrator` (with ``p_refuse_logprob`` where present)
+   and choose the candidate thresholds on the fitting split, certify them on the calibration split
+   (``calibration.thresholds.certify_policy``: jointly over both sides and every threshold group);
 4. risk-coverage curves for the calibrated score and for the stated confidence, and the baseline
    "auto-route only confidence 5";
 5. write everything the proxy needs into a :class:`~calibration.policy.Policy`.
@@ -28,13 +28,16 @@ from typing import Any, Iterable
 import numpy as np
 
 from calibration.datapoints import DatapointTable, read_datapoints
-from calibration.policy import Baseline, ConfidenceCount, Policy, SDTSummary, Thresholds, TopicPolicy
+from calibration.policy import (Baseline, Certification, ConfidenceCount, Policy, SDTSummary, Thresholds,
+                                TopicPolicy)
 from calibration.reliability import Recalibrator, ece_prob, reliability_table
 from calibration.sdt import (STAT_NAMES, UNMEASURABLE_REASONS, bootstrap_counts, sdt_from_counts, sdt_intervals,
                              unmeasurable)
-from calibration.thresholds import SideThreshold, cp_lower, design_effect, ltt_threshold, risk_coverage, route
+from calibration.thresholds import (GLOBAL, Certified, SideThreshold, certify_policy, cluster_bound, icc,
+                                    risk_coverage, route)
 
 __all__ = ["CalibrationError", "CalibrationResult", "CellStats", "calibrate", "calibrate_table",
+           "split_prompts", "fit_and_certify", "policy_thresholds", "FIT_FRACTION",
            "MIN_CELL_N", "MIN_CELL_PROMPTS", "MIN_CLASS_N"]
 
 #: Cells below these sizes are marked ``small`` (their intervals are wide or unreliable).
@@ -43,6 +46,8 @@ MIN_CELL_PROMPTS = 5
 #: Fewer trials than this in one class (refused / complied) and that class's rate, so d' and c,
 #: rest mostly on the log-linear correction's +0.5 (e.g. 0 hits of 6 still gives H = 0.07).
 MIN_CLASS_N = 10
+#: Share of prompts for the fitting split (recalibrator and threshold selection); the rest certifies.
+FIT_FRACTION = 0.3
 _CI_NAMES = STAT_NAMES + ("ece", "brier")
 _STATED = np.arange(1, 6) / 5.0
 
@@ -78,6 +83,8 @@ class CalibrationResult:
     sides: dict[str, dict[str, SideThreshold]]
     split: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    certified: Certified | None = None
+    actions: dict[str, int] = field(default_factory=dict)   # the policy's actions on all datapoints
 
     def cell(self, group: str, name: str) -> CellStats:
         for c in self.cells:
@@ -160,7 +167,7 @@ def _ece_vec(k: np.ndarray, n: np.ndarray) -> np.ndarray:
 def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, confidence: float = 0.95,
                     n_boot: int = 1000, seed: int = 0, model: str | None = None,
                     probe_template: str | None = None, probe_template_hash: str | None = None,
-                    fit_fraction: float = 0.5) -> CalibrationResult:
+                    fit_fraction: float = FIT_FRACTION) -> CalibrationResult:
     """Calibrate from an in-memory :class:`DatapointTable` (the work behind :func:`calibrate`)."""
     if not 0.0 < target_accuracy < 1.0:
         raise CalibrationError("target accuracy must be in (0, 1)")
@@ -247,68 +254,56 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
         cells.append(CellStats(group, name, tuple(int(x) for x in cnt), int(prompts_in_cell[j]),
                                tuple((int(n_conf[j, c]), int(k_conf[j, c])) for c in range(5)), summary))
 
-    # --- recalibration on one half of the prompts, thresholds on the other -----------------
-    perm = rng.permutation(n_prompts)
-    n_fit = int(round(n_prompts * fit_fraction)) if n_prompts > 1 else n_prompts
-    is_fit_prompt = np.zeros(n_prompts, dtype=bool)
-    is_fit_prompt[perm[:n_fit]] = True
-    fit_rows = is_fit_prompt[prompt]
+    # --- recalibration and threshold selection on the fitting split, certification on the rest --
+    fit_rows = split_prompts(n_prompts, fit_fraction, rng)[prompt]
+    n_fit = int(np.unique(prompt[fit_rows]).size)
     cal_rows = ~fit_rows
     if not cal_rows.any():
         notes.append("fewer than 2 prompts: no held-out calibration data, all thresholds are null")
-    rec = Recalibrator().fit(wr[fit_rows], conf[fit_rows], table.harm_rating[fit_rows],
-                             table.topic[fit_rows], correct[fit_rows], topic_names=table.topics)
+    rec, score_all, cert = fit_and_certify(table, fit_rows, target_accuracy, confidence)
+    lp = table.p_refuse_logprob
+    if lp is not None:
+        notes.append(f"p_refuse_logprob present on {int(np.isfinite(lp).sum())} of {table.n} datapoints: "
+                     + ("used in the calibrated P(correct)" if rec.logprob is not None else
+                        "no significant signal on the fitting split, not used"))
+    # the thresholds in force for each row: its topic's own, else the global ones
+    group_of_topic = np.array([GLOBAL] + [t if t in cert.own_topics else GLOBAL for t in table.topics], dtype=object)
+    side_cuts = policy_thresholds(cert, score_all, wr, table.topic, table.topics)
+    block_cut = np.array([_inf(side_cuts[g].block) for g in group_of_topic])
+    pass_cut = np.array([_inf(side_cuts[g].pass_) for g in group_of_topic])
+    routed_all = score_all >= np.where(wr, block_cut[table.topic + 1], pass_cut[table.topic + 1])
+    action_counts = {"block": int((routed_all & wr).sum()), "pass": int((routed_all & ~wr).sum()),
+                     "review": int((~routed_all).sum())}
+
     c_wr, c_conf, c_cor = wr[cal_rows], conf[cal_rows], correct[cal_rows]
     c_topic, c_prompt = table.topic[cal_rows], prompt[cal_rows]
-    score = rec.apply_many(c_wr, c_conf, table.harm_rating[cal_rows], c_topic, topic_names=table.topics)
-    delta_side = (1.0 - confidence) / 2.0
+    score, routed_pol = score_all[cal_rows], routed_all[cal_rows]
 
-    def certify(mask: np.ndarray) -> dict[str, SideThreshold]:
-        out = {}
-        for side, want in (("block", True), ("pass", False)):
-            sel = mask & (c_wr == want)
-            out[side] = ltt_threshold(score[sel], c_cor[sel], target_accuracy, delta_side, unit=c_prompt[sel])
-        return out
-
-    def point_of(sides: dict[str, SideThreshold], mask: np.ndarray) -> dict[str, Any]:
-        routed = route(score, c_wr, sides["block"].threshold, sides["pass"].threshold) & mask
-        nr, nc, nt = int(routed.sum()), int(c_cor[routed].sum()), int(mask.sum())
-        return {"coverage": nr / nt if nt else None, "accuracy": nc / nr if nr else None,
+    def op_of(routed: np.ndarray, mask: np.ndarray) -> dict[str, Any]:
+        r = routed & mask
+        nr, nt = int(r.sum()), int(mask.sum())
+        return {"coverage": nr / nt if nt else None, "accuracy": float(c_cor[r].mean()) if nr else None,
                 "n_routed": nr, "n": nt}
 
-    all_cal = np.ones(c_wr.shape, dtype=bool)
-    sides = {"(global)": certify(all_cal)}
     topic_policies: dict[str, TopicPolicy] = {}
     for t, tname in enumerate(table.topics):
-        tmask = c_topic == t
-        sides[tname] = certify(tmask)
-        op = point_of(sides[tname], tmask)
+        op = op_of(routed_pol, c_topic == t)
         cs = cells[1 + t]
         topic_policies[tname] = TopicPolicy(
-            n=cs.summary.n, sdt=cs.summary,
-            thresholds=Thresholds(block=sides[tname]["block"].threshold, pass_=sides[tname]["pass"].threshold),
+            n=cs.summary.n, sdt=cs.summary, thresholds=side_cuts.get(tname) if tname in cert.own_topics else None,
             baseline=_baseline(cs), coverage=op["coverage"], expected_accuracy=op["accuracy"],
         )
-    glob_op = point_of(sides["(global)"], all_cal)
-
-    # operating point of the whole policy (per-topic thresholds, global for missing topic)
-    b_th = np.array([sides["(global)"]["block"].threshold] + [sides[t]["block"].threshold for t in table.topics],
-                    dtype=object)
-    p_th = np.array([sides["(global)"]["pass"].threshold] + [sides[t]["pass"].threshold for t in table.topics],
-                    dtype=object)
-    to_f = np.vectorize(lambda v: np.inf if v is None else float(v), otypes=[float])
-    cut = np.where(c_wr, to_f(b_th)[c_topic + 1], to_f(p_th)[c_topic + 1]) if c_wr.size else np.zeros(0)
-    routed_pol = score >= cut
-    nr = int(routed_pol.sum())
-    pol_op = {"coverage": nr / c_wr.size if c_wr.size else None,
-              "accuracy": float(c_cor[routed_pol].mean()) if nr else None, "n_routed": nr, "n": int(c_wr.size)}
+    all_cal = np.ones(c_wr.shape, dtype=bool)
+    glob_op = op_of(route(score, c_wr, side_cuts[GLOBAL].block, side_cuts[GLOBAL].pass_), all_cal)
+    pol_op = op_of(routed_pol, all_cal)
     base_mask = c_conf == 5
     nb, kb = int(base_mask.sum()), int(c_cor[base_mask].sum())
-    # same clustering correction as the thresholds: residual ICC given the score (here: confidence)
-    deff_b = design_effect(c_prompt, c_cor, strata=c_conf) if nb else 1.0
+    # the same clustering correction as the thresholds (one test at the full delta)
+    b5 = cluster_bound(~c_cor[base_mask], c_prompt[base_mask], 1.0 - confidence,
+                       icc(prompt[fit_rows], correct[fit_rows], strata=conf[fit_rows]))
     base_op = {"coverage": nb / c_wr.size if c_wr.size else None, "accuracy": kb / nb if nb else None,
-               "n_routed": nb, "n": int(c_wr.size), "design_effect": deff_b,
-               "accuracy_lower": _fin(cp_lower(kb / deff_b, nb / deff_b, 1.0 - confidence)) if nb else None}
+               "n_routed": nb, "n": int(c_wr.size), "design_effect": b5.design_effect,
+               "accuracy_lower": 1.0 - b5.upper if nb else None}
     base_op["meets_target_with_confidence"] = bool(base_op["accuracy_lower"] is not None
                                                    and base_op["accuracy_lower"] >= target_accuracy)
     rc = {"calibrated": risk_coverage(score, c_cor), "stated_confidence": risk_coverage(c_conf / 5.0, c_cor)}
@@ -319,10 +314,15 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), data_hash=table.data_hash(),
         n=table.n, n_prompts=n_prompts, target_accuracy=target_accuracy, confidence=confidence,
         sdt=overall.summary,
-        thresholds=Thresholds(block=sides["(global)"]["block"].threshold,
-                              pass_=sides["(global)"]["pass"].threshold),
+        thresholds=side_cuts[GLOBAL],
         baseline=_baseline(overall), coverage=pol_op["coverage"], expected_accuracy=pol_op["accuracy"],
-        topics=topic_policies, calibrator=rec.to_dict(),
+        topics=topic_policies,
+        certification=Certification(
+            method="select on fitting split, certify on calibration split: fixed-sequence Clopper-Pearson "
+                   "with cluster design effect, Bonferroni over tests",
+            tests=cert.tests, delta_per_test=cert.delta_per_test, fit_prompts=int(n_fit),
+            calibration_prompts=int(n_prompts - n_fit)),
+        calibrator=rec.to_dict(),
     )
     return CalibrationResult(
         policy=policy, table=table, cells=cells, harm_source=harm_source,
@@ -331,10 +331,61 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
                         "calibrated_heldout": ece_prob(score, c_cor)},
         risk_coverage=rc,
         operating_points={"policy": pol_op, "global_thresholds": glob_op, "baseline_conf5": base_op},
-        sides=sides, split={"fit_prompts": int(n_fit), "calibration_prompts": int(n_prompts - n_fit),
-                            "fit_rows": int(fit_rows.sum()), "calibration_rows": int(cal_rows.sum())},
+        sides={g: {"block": st, "pass": st} for g, st in cert.groups.items()}, certified=cert,
+        actions=action_counts,
+        split={"fit_prompts": int(n_fit), "calibration_prompts": int(n_prompts - n_fit),
+               "fit_rows": int(fit_rows.sum()), "calibration_rows": int(cal_rows.sum())},
         notes=notes,
     )
+
+
+def split_prompts(n_prompts: int, fit_fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Mask over prompts: True for the fitting split (a random ``fit_fraction`` of them)."""
+    n_fit = int(round(n_prompts * fit_fraction)) if n_prompts > 1 else n_prompts
+    is_fit = np.zeros(n_prompts, dtype=bool)
+    is_fit[rng.permutation(n_prompts)[:n_fit]] = True
+    return is_fit
+
+
+def fit_and_certify(table: DatapointTable, fit_rows: np.ndarray, target_accuracy: float,
+                    confidence: float) -> tuple[Recalibrator, np.ndarray, Certified]:
+    """Fit the recalibrator on ``fit_rows``, score every row, certify thresholds (the policy's core).
+
+    Returns the recalibrator, the calibrated P(correct) of every row and the certified thresholds.
+    """
+    wr, conf, correct = table.will_refuse, table.confidence.astype(np.int64), table.correct
+    lp = table.p_refuse_logprob
+    rec = Recalibrator().fit(wr[fit_rows], conf[fit_rows], table.harm_rating[fit_rows],
+                             table.topic[fit_rows], correct[fit_rows], topic_names=table.topics,
+                             p_refuse_logprob=None if lp is None else lp[fit_rows])
+    score = rec.apply_many(wr, conf, table.harm_rating, table.topic, topic_names=table.topics,
+                           p_refuse_logprob=lp)
+    cert = certify_policy(score, correct, table.topic, table.prompt, fit_rows, table.topics,
+                          target_accuracy, 1.0 - confidence)
+    return rec, score, cert
+
+
+def _inf(v: float | None) -> float:
+    return np.inf if v is None else v
+
+
+def policy_thresholds(cert: Certified, score: np.ndarray, will_refuse: np.ndarray, topic: np.ndarray,
+                     topics: tuple[str, ...]) -> dict[str, Thresholds]:
+    """Each group's certified threshold as the policy's (block, pass) pair.
+
+    Both sides share the group's threshold; a side with no datapoint at or above it (e.g. a model
+    that never predicted refusal) gets null, so the policy never auto-routes what it has not seen.
+    """
+    own = [topics.index(t) for t in cert.own_topics]
+    out = {}
+    for g, st in cert.groups.items():
+        in_g = np.isin(topic, [topics.index(g)]) if g != GLOBAL else ~np.isin(topic, own)
+        pair = []
+        for want in (True, False):
+            seen = st.threshold is not None and bool((in_g & (will_refuse == want) & (score >= st.threshold)).any())
+            pair.append(st.threshold if seen else None)
+        out[g] = Thresholds(block=pair[0], pass_=pair[1])
+    return out
 
 
 def _baseline(cs: CellStats) -> Baseline:

@@ -51,21 +51,21 @@ def summary_table(result: Any) -> str:
     """Plain-text table of the overall, per-topic and per-harm statistics and the thresholds."""
     pol = result.policy
     head = f"{'cell':<28}{'n':>8}{'acc':>7}{'d_prime [95% CI]':>22}{'c':>7}{'block':>7}{'pass':>7}  note"
+    from calibration.outlook import policy_outlook
     lines = [head, "-" * len(head)]
     for cs in result.cells:
         s = cs.summary
         lo, hi = s.ci.get("d_prime", (None, None))
-        if cs.group == "topic":
-            th = pol.topics[cs.name].thresholds
-        elif cs.group == "overall":
-            th = pol.global_thresholds
+        th = pol.thresholds(cs.name) if cs.group == "topic" else (pol.global_thresholds if cs.group == "overall" else None)
+        if cs.group == "topic" and pol.topics[cs.name].thresholds is None:
+            s_note = "global threshold; "
         else:
-            th = None
+            s_note = ""
         label = cs.name if cs.group == "overall" else f"{cs.group}:{cs.name}"
         dci = f"{_fmt(s.d_prime, '.2f')} [{_fmt(lo, '.2f')},{_fmt(hi, '.2f')}]"
         lines.append(f"{label[:27]:<28}{s.n:>8}{_fmt(s.accuracy):>7}{dci:>22}{_fmt(s.criterion, '.2f'):>7}"
                      f"{_fmt(th.block if th else None, '.3f'):>7}{_fmt(th.pass_ if th else None, '.3f'):>7}"
-                     f"  {'SMALL: ' + (s.reason or '') if s.small else ''}")
+                     f"  {s_note}{'SMALL: ' + (s.reason or '') if s.small else ''}")
     op, base = result.operating_points["policy"], result.operating_points["baseline_conf5"]
     lines.append("")
     lines.append(f"policy:   coverage {_fmt(op['coverage'])}  accuracy {_fmt(op['accuracy'])}  "
@@ -74,6 +74,11 @@ def summary_table(result: Any) -> str:
                  f"(trust only confidence 5; certified >= target: {base['meets_target_with_confidence']})  "
                  f"AURC {_fmt(result.risk_coverage['stated_confidence']['aurc'], '.4f')}")
     lines.append(f"ECE {_fmt(pol.sdt.ece)}  Brier {_fmt(pol.sdt.brier)}  policy version {pol.version}")
+    cert = pol.certification
+    lines.append(f"certification: {cert.tests} test(s) at delta {_fmt(cert.delta_per_test, '.4f')} each; "
+                 f"fitting/calibration prompts {cert.fit_prompts}/{cert.calibration_prompts}")
+    lines.append("")
+    lines.extend(policy_outlook(result).lines())
     return "\n".join(lines)
 
 

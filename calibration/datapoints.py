@@ -79,7 +79,7 @@ SQLITE_DDL: str = (
 
 #: Fields the reader keeps (the rest are validated but not stored).
 _USED = ("id", "prompt_sha256", "topic", "harm_level", "will_refuse", "confidence", "harm_rating",
-         "refused", "model", "probe_template", "probe_status")
+         "refused", "model", "probe_template", "probe_status", "p_refuse_logprob")
 #: Not stored but validated (unknown labels/statuses/actions are errors, not silent).
 _CHECKED = frozenset({"label", "action"})
 _SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -108,6 +108,7 @@ class DatapointTable:
     confidence: np.ndarray      # int8, 1..5
     harm_rating: np.ndarray     # int8, 0 = missing, else 1..5
     refused: np.ndarray         # bool
+    p_refuse_logprob: np.ndarray | None = None   # float64, nan = missing; None = no row has one
     models: tuple[str, ...] = ()
     probe_templates: tuple[str, ...] = ()
     skipped: dict[str, int] = field(default_factory=dict)
@@ -131,7 +132,7 @@ class DatapointTable:
     @classmethod
     def from_arrays(cls, *, prompt: Any, will_refuse: Any, confidence: Any, refused: Any,
                     topic: Any | None = None, topics: Iterable[str] = (), harm_level: Any | None = None,
-                    harm_rating: Any | None = None) -> "DatapointTable":
+                    harm_rating: Any | None = None, p_refuse_logprob: Any | None = None) -> "DatapointTable":
         """Build a table from arrays (simulations, tests): ``prompt`` and ``topic`` are int codes
         (topic -1 = missing); missing harm columns default to "missing"."""
         prompt = np.asarray(prompt, dtype=np.int32)
@@ -145,6 +146,7 @@ class DatapointTable:
             will_refuse=np.asarray(will_refuse, dtype=bool), confidence=np.asarray(confidence, np.int8),
             harm_rating=np.zeros(n, np.int8) if harm_rating is None else np.asarray(harm_rating, np.int8),
             refused=np.asarray(refused, dtype=bool), n_read=n,
+            p_refuse_logprob=None if p_refuse_logprob is None else np.asarray(p_refuse_logprob, np.float64),
         )
 
     def data_hash(self) -> str:
@@ -153,6 +155,8 @@ class DatapointTable:
         for arr in (self.prompt, self.topic, self.harm_level, self.will_refuse, self.confidence,
                     self.harm_rating, self.refused):
             h.update(np.ascontiguousarray(arr).tobytes())
+        if self.p_refuse_logprob is not None:
+            h.update(np.ascontiguousarray(self.p_refuse_logprob).tobytes())
         h.update("\x1f".join(self.prompt_ids).encode())
         h.update("\x1e".join(self.topics).encode())
         return h.hexdigest()
@@ -197,7 +201,7 @@ class _Builder:
         self.templates: set[str] = set()
         self.cols: dict[str, list[np.ndarray]] = {k: [] for k in
                                                   ("prompt", "topic", "harm_level", "will_refuse",
-                                                   "confidence", "harm_rating", "refused")}
+                                                   "confidence", "harm_rating", "refused", "p_refuse_logprob")}
         self.skipped: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
         self.unknown: set[str] = set()
@@ -256,6 +260,9 @@ class _Builder:
         self.cols["will_refuse"].append(np.array(cols["will_refuse"], dtype=bool))
         self.cols["refused"].append(np.array(cols["refused"], dtype=bool))
         self.cols["confidence"].append(np.array(cols["confidence"], dtype=np.int8))
+        lp = cols["p_refuse_logprob"]
+        self.cols["p_refuse_logprob"].append(np.array([np.nan if v is None else v for v in lp], np.float64)
+                                             if None in lp else np.array(lp, np.float64))
         self.models.update(m for m in set(cols["model"]) if m is not None)
         self.templates.update(t for t in set(cols["probe_template"]) if t is not None)
 
@@ -310,6 +317,7 @@ class _Builder:
             topics=tuple(self.topics), harm_level=cat("harm_level", np.int16),
             will_refuse=cat("will_refuse", bool), confidence=cat("confidence", np.int8),
             harm_rating=cat("harm_rating", np.int8), refused=cat("refused", bool),
+            p_refuse_logprob=lp if np.isfinite(lp := cat("p_refuse_logprob", np.float64)).any() else None,
             models=tuple(sorted(self.models)), probe_templates=tuple(sorted(self.templates)),
             skipped=dict(self.skipped), skipped_examples=dict(self.examples),
             unknown_fields=tuple(sorted(self.unknown)), n_read=self.n_read,

@@ -1,41 +1,43 @@
-"""What the calibrated policy will do, in words: the opening of the report.
+"""What a calibrated policy will do, in words: the report's opening (rendered by ``calibration.report``).
 
-PROVISIONAL (issue 18): the thresholds engineer (issue 14) writes the real version of this module
-with exactly this interface; the report renders only through :class:`Outlook` and
-:func:`policy_outlook`.  Here the shares are computed simply: the policy's own decision rule
-(:meth:`calibration.policy.Policy.decide`) applied to every datapoint it was calibrated on.
+:func:`policy_outlook` reads a :class:`~calibration.calibrate.CalibrationResult` and returns an
+:class:`Outlook`: the shares of the calibration datapoints the policy auto-blocks, auto-passes and
+sends to review; the guarantee in words; and, when nothing is certified, why, and about how many
+more datapoints would make a threshold certifiable.
 
-``more_datapoints`` (when nothing is certified) is a rough planning figure, not a promise: for the
-side whose best-scoring requests are most accurate, the number of datapoints at which a one-sided
-Clopper-Pearson bound at that side's level (``(1 - confidence) / 2``), with that observed accuracy
-and the data's design effect, would reach the target, scaled by how often that group occurs and
-by the half of the prompts the certification uses, plus 50% for the randomness of that split
-and of sampling (tests/test_report.py checks that the figure suffices and that half of it does
-not, on data where only the amount limits certification).  None when the observed accuracy is not above
-the target (more of the same data cannot certify it).
+The estimate of "how many more": over the nested sets the policy could route (the calibrated
+P(correct) of every datapoint, highest first), each set with observed error rate ``p`` below
+``1 - target``, share routed ``r`` and design effect ``deff`` (as in ``calibration.thresholds``)
+needs about ``n_cal = deff * p (1 - p) (z(1 - delta) + z(0.8))^2 / (1 - target - p)^2`` routed
+calibration-split rows (and at least the rows a zero-error set needs) for its test to pass with
+probability about 0.8 (normal approximation), so about ``n_cal / (r * (1 - FIT_FRACTION))``
+datapoints in all; the smallest over the sets, minus what there is, is the answer.  It assumes new
+datapoints look like the ones at hand: an estimate to plan collection with, not a promise.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+from scipy.special import ndtri
 
-from calibration.thresholds import cp_lower
+from calibration.reliability import Recalibrator
+from calibration.thresholds import _nested_bounds, icc, n_needed
 
 if TYPE_CHECKING:
     from calibration.calibrate import CalibrationResult
 
 __all__ = ["Outlook", "policy_outlook"]
 
-_SIDE_WORDS = {"block": ("predicted refusals", "blocked"), "pass": ("predicted compliances", "passed")}
+_POWER = 0.8
+_MIN_ROUTED = 30
 
 
 @dataclass(frozen=True)
 class Outlook:
-    """The shares of requests the policy auto-blocks, auto-passes and sends to review, and why."""
-
     share_block: float
     share_pass: float
     share_review: float
@@ -45,111 +47,95 @@ class Outlook:
     more_datapoints: int | None
 
     def lines(self) -> list[str]:
-        """Plain sentences, the first saying what happens to requests."""
-        out = [f"On traffic like the calibration data, the policy blocks {self.share_block:.0%} of requests "
-               f"automatically, passes {self.share_pass:.0%} automatically and sends {self.share_review:.0%} "
-               f"to review."]
-        out.append(self.guarantee)
-        if self.why_not:
-            out.append(self.why_not)
-        if not self.certified:
+        """Plain sentences (no markup), in reading order."""
+        out = [f"On the calibration datapoints the policy auto-blocks {_pct(self.share_block)}, auto-passes "
+               f"{_pct(self.share_pass)} and sends {_pct(self.share_review)} to review."]
+        if self.certified:
+            out.append(self.guarantee[0].upper() + self.guarantee[1:] + ".")
+        else:
+            out.append(f"Nothing is certified, so every request goes to review: {self.why_not}.")
             if self.more_datapoints is not None:
-                out.append(f"About {self.more_datapoints:,} more datapoints like these could certify a threshold "
-                           "(a rough estimate: collect them with refusal-guard collect and calibrate again).")
+                out.append(f"About {self.more_datapoints:,} more datapoints like these would likely make a "
+                           f"threshold certifiable.")
             else:
-                out.append("More datapoints like these would not change that: the model's self-predictions are not "
-                           "accurate enough at any confidence; a model that predicts its refusals better, or a "
-                           "lower --target-accuracy, would.")
+                out.append("More datapoints like these would not make a threshold certifiable.")
         return out
 
 
-def _shares(result: "CalibrationResult") -> tuple[float, float, float]:
-    table, policy = result.table, result.policy
-    if table.n == 0:
-        return 0.0, 0.0, 1.0
-    names = table.topics
-    keys = np.stack([table.topic.astype(np.int64), table.will_refuse.astype(np.int64),
-                     table.confidence.astype(np.int64), table.harm_rating.astype(np.int64)], axis=1)
-    uniq, inv = np.unique(keys, axis=0, return_inverse=True)
-    actions = [policy.decide(names[t] if t >= 0 else None, bool(wr), int(c), int(h) if h > 0 else None)
-               for t, wr, c, h in uniq]
-    counts = np.bincount(inv.ravel(), minlength=len(actions))
-    total = float(table.n)
-    block = sum(int(n) for n, a in zip(counts, actions) if a == "block") / total
-    pass_ = sum(int(n) for n, a in zip(counts, actions) if a == "pass") / total
-    return block, pass_, max(0.0, 1.0 - block - pass_)
+def _pct(x: float) -> str:
+    v = 100.0 * x
+    return f"{v:.0f}%" if abs(v - round(v)) < 0.05 else f"{v:.1f}%"
 
 
-def _n_needed(accuracy: float, target: float, delta: float) -> int | None:
-    """Smallest n with cp_lower(accuracy * n, n, delta) >= target (None if accuracy <= target)."""
-    if accuracy <= target:
-        return None
-    n = 1
-    while float(cp_lower(accuracy * n, n, delta)) < target:
-        n *= 2
-        if n > 10**8:
-            return None
-    lo, hi = n // 2, n
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if float(cp_lower(accuracy * mid, mid, delta)) >= target else (mid, hi)
-    return hi
+def _scores(result: "CalibrationResult") -> np.ndarray:
+    t = result.table
+    rec = Recalibrator.from_dict(result.policy.calibrator)
+    return rec.apply_many(t.will_refuse, t.confidence, t.harm_rating, t.topic, topic_names=t.topics,
+                          p_refuse_logprob=t.p_refuse_logprob)
 
 
-def _why_not_and_more(result: "CalibrationResult") -> tuple[str, int | None]:
-    pol = result.policy
-    target, delta = pol.target_accuracy, (1.0 - pol.confidence) / 2.0
-    n_min = int(np.ceil(np.log(delta) / np.log(target)))
-    sides = result.sides.get("(global)", {})
-    reasons: list[str] = []
-    estimates: list[int] = []
-    cal_rows = max(result.split.get("calibration_rows", 0), 1)
-    fraction_cal = cal_rows / max(result.table.n, 1)
-    for side in ("block", "pass"):
-        words, verb = _SIDE_WORDS[side]
-        st = sides.get(side)
-        n_side = st.n_total if st is not None else 0
-        if n_side == 0:
-            reasons.append(f"the calibration half holds no {words}, so nothing can be {verb} automatically")
+def _more_needed(result: "CalibrationResult", delta: float) -> tuple[int | None, float | None]:
+    """(datapoints needed in all, or None; the lowest error rate of a set of >= _MIN_ROUTED rows)."""
+    from calibration.calibrate import FIT_FRACTION
+
+    t = result.table
+    target = result.policy.target_accuracy
+    eps = 1.0 - target
+    score, correct = _scores(result), t.correct
+    if score.size == 0:
+        return None, None
+    cand = np.unique(score)[::-1]
+    n_cum = score.size - np.searchsorted(np.sort(score), cand, side="left")
+    _, k, n, _, deff = _nested_bounds(score, ~correct, t.prompt, n_cum, delta,
+                                      icc(t.prompt, correct, strata=score))
+    p = k / n
+    p_plan = (k + 1) / (n + 2)          # Laplace: the best of many noisy sets looks too good otherwise
+    big = n >= min(_MIN_ROUTED, score.size)
+    best_rate = float(p[big].min()) if big.any() else None
+    z = float(ndtri(1.0 - delta) + ndtri(_POWER))
+    need = []
+    for pi, ni, di in zip(p_plan[big], n[big], deff[big]):
+        if pi >= eps:
             continue
-        deff = st.design_effect if st is not None else 1.0
-        # the best-scoring candidate group of this side: the rows with the highest stated confidence
-        wr = result.table.will_refuse == (side == "block")
-        conf = result.table.confidence
-        best = wr & (conf == conf[wr].max()) if wr.any() else wr
-        acc = float((result.table.will_refuse[best] == result.table.refused[best]).mean()) if best.any() else 0.0
-        if n_side / deff < n_min:
-            reasons.append(f"only {n_side} {words} were held out to certify on (about {n_side / deff:.0f} "
-                           f"independent ones); even with no error, {n_min} are needed for "
-                           f"{target:.0%} accuracy at {pol.confidence:.0%} confidence")
-        else:
-            reasons.append(f"the most confident {words} (confidence {int(conf[best].max())}) were right only "
-                           f"{acc:.1%} of the time, which cannot show {target:.0%} at {pol.confidence:.0%} confidence")
-        need = _n_needed(acc, target, delta)
-        share = best.sum() / max(result.table.n, 1)
-        if need is not None and share > 0:
-            # x 1.5: room for the random split by prompt and sampling noise, so the figure is enough
-            # in most re-runs rather than in half of them
-            estimates.append(int(np.ceil(1.5 * need * deff / share / fraction_cal)) - result.table.n)
-    why = "Why: " + "; ".join(reasons) + "."
-    more = max(min(estimates), 1) if estimates else None
-    return why, more
+        n_cal = max(di * pi * (1 - pi) * z * z / (eps - pi) ** 2, float(n_needed(pi, target, delta, di) or 0))
+        need.append(n_cal / ((ni / score.size) * (1.0 - FIT_FRACTION)))
+    return (int(math.ceil(min(need))) if need else None), best_rate
 
 
 def policy_outlook(result: "CalibrationResult") -> Outlook:
-    """The outlook of ``result.policy`` on the datapoints it was calibrated on."""
+    """The outlook of a calibration run (see the module docstring)."""
     pol = result.policy
-    block, pass_, review = _shares(result)
-    th = [pol.global_thresholds, *(t.thresholds for t in pol.topics.values())]
-    certified = any(t.block is not None or t.pass_ is not None for t in th)
+    counts = result.actions
+    total = sum(counts.values()) or 1
+    shares = {a: counts.get(a, 0) / total for a in ("block", "pass", "review")}
+    cert = result.certified
+    certified = cert is not None and any(st.threshold is not None for st in cert.groups.values())
+    conf, target = _pct(pol.confidence), _pct(pol.target_accuracy)
     if certified:
-        guarantee = (f"Guarantee: with {pol.confidence:.0%} confidence, at least {pol.target_accuracy:.0%} of "
-                     "auto-routed requests (blocked or passed without review) are routed correctly, provided "
-                     "live traffic resembles the calibration data.")
-        why_not, more = None, None
-    else:
-        guarantee = ("No threshold was certified, so there is no accuracy guarantee to state: every request is "
-                     "forwarded and sent to review, none is blocked or passed on the guard's word.")
-        why_not, more = _why_not_and_more(result)
-    return Outlook(share_block=block, share_pass=pass_, share_review=review, certified=certified,
-                   guarantee=guarantee, why_not=why_not, more_datapoints=more)
+        where = ""
+        if cert.own_topics:
+            where = (f", separately in {'topic' if len(cert.own_topics) == 1 else 'topics'} "
+                     f"{', '.join(cert.own_topics)} (own thresholds) and in all other topics together")
+        guarantee = (f"with {conf} confidence at least {target} of auto-routed requests are routed correctly"
+                     f"{where}")
+        return Outlook(shares["block"], shares["pass"], shares["review"], True, guarantee, None, None)
+
+    guarantee = "no request is auto-routed, so there is no accuracy claim"
+    delta = 1.0 - pol.confidence
+    if result.split.get("calibration_rows", 0) == 0:
+        return Outlook(shares["block"], shares["pass"], shares["review"], False, guarantee,
+                       "there are too few prompts to hold any out for certification", None)
+    # the selection step tests at delta / (1 + topics) (calibration.thresholds.certify_policy)
+    needed, best = _more_needed(result, delta / (1 + len(result.table.topics)))
+    if needed is None:
+        acc = "" if best is None else (f" (the most accurate set of at least {_MIN_ROUTED} of them is right "
+                                       f"{_pct(1 - best)} of the time)")
+        why = (f"no group of requests the probe's answers pick out is at least {target} accurate on these "
+               f"datapoints{acc}")
+        return Outlook(shares["block"], shares["pass"], shares["review"], False, guarantee, why, None)
+    tested = cert is not None and cert.tests > 0
+    why = (f"the thresholds tested did not pass at {target} accuracy with {conf} confidence on the held-out "
+           f"prompts" if tested else
+           f"no set of requests is large enough to show {target} accuracy with {conf} confidence")
+    return Outlook(shares["block"], shares["pass"], shares["review"], False, guarantee, why,
+                   max(needed - pol.n, 1))

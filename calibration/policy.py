@@ -1,16 +1,23 @@
 """The policy file: what ``calibrate`` writes and the proxy loads (pydantic v2, schema-versioned).
 
 Decision rule (the one place it is defined; ``p`` = calibrated P(prediction correct) from
-:meth:`Policy.p_correct`, thresholds from :meth:`Policy.thresholds` for the request's topic, with
-the global thresholds for topics the policy does not know):
+:meth:`Policy.p_correct`, thresholds from :meth:`Policy.thresholds` for the request's topic: the
+topic's own where it has them, else the global thresholds, which also serve topics the policy
+does not know):
 
 * predicted refuse and ``block`` is not null and ``p >= block``  -> ``block``
 * predicted comply and ``pass`` is not null and ``p >= pass``    -> ``pass``
 * otherwise                                                      -> ``review``
 
-A null threshold means "never auto-route that side".  With thresholds from ``calibrate`` the
-accuracy of auto-routed requests is >= ``target_accuracy`` with probability >= ``confidence`` (see
-``calibration.thresholds``), assuming deployment traffic resembles the calibration data.
+A null threshold means "never auto-route that side".  With thresholds from ``calibrate``, with
+probability >= ``confidence`` *every* side of every threshold group (each topic with thresholds of
+its own; the global group) auto-routes requests with accuracy >= ``target_accuracy``, jointly (see
+``calibration.thresholds``), assuming deployment prompts resemble the calibration prompts within
+each group.  ``certification`` records how: the number of tests the error budget was shared over.
+
+Schema 2 (this version) added: a topic's ``thresholds`` may be null (the topic uses the global
+thresholds), ``certification``, and the calibrator's optional ``p_refuse_logprob`` adjustment.
+Schema 1 files are refused: their thresholds came from a procedure without the joint guarantee.
 
 ``baseline`` holds the confusion counts (hits, misses, false alarms, correct rejections, in the SDT
 convention of ``calibration.sdt``) and per-confidence counts that the live drift tests compare
@@ -31,9 +38,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from calibration.reliability import Recalibrator
 
 __all__ = ["PolicyError", "Thresholds", "SDTSummary", "ConfidenceCount", "Baseline", "TopicPolicy",
-           "Policy", "SCHEMA_VERSION", "Action"]
+           "Certification", "Policy", "SCHEMA_VERSION", "Action"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 Action = Literal["pass", "block", "review"]
 _Interval = tuple[float | None, float | None]
 
@@ -125,21 +132,35 @@ class Baseline(_Frozen):
 
 
 class TopicPolicy(_Frozen):
-    """Per-topic statistics, certified thresholds and baseline."""
+    """Per-topic statistics, certified thresholds (null: the topic uses the global ones) and baseline.
+
+    ``coverage`` and ``expected_accuracy`` describe what the thresholds in force for the topic do on
+    its held-out calibration rows.
+    """
 
     n: int = Field(ge=0)
     sdt: SDTSummary
-    thresholds: Thresholds
+    thresholds: Thresholds | None = None
     baseline: Baseline
     coverage: float | None = None
     expected_accuracy: float | None = None
+
+
+class Certification(_Frozen):
+    """How the thresholds were certified (see ``calibration.thresholds``)."""
+
+    method: str
+    tests: int = Field(ge=0)              # fixed sequences tested; each at (1 - confidence) / tests
+    delta_per_test: float | None = None
+    fit_prompts: int = Field(ge=0)
+    calibration_prompts: int = Field(ge=0)
 
 
 class Policy(_Frozen):
     """The policy file.  Load with :meth:`load`; query with :meth:`p_correct`, :meth:`thresholds`,
     :meth:`baseline` and :meth:`decide`."""
 
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     model: str | None = None
     probe_template: str | None = None
     probe_template_hash: str | None = None
@@ -155,6 +176,7 @@ class Policy(_Frozen):
     coverage: float | None = None
     expected_accuracy: float | None = None
     topics: dict[str, TopicPolicy] = Field(default_factory=dict)
+    certification: Certification
     calibrator: dict[str, Any]
 
     _cal: Recalibrator = PrivateAttr()
@@ -194,8 +216,11 @@ class Policy(_Frozen):
         if not isinstance(data, dict):
             raise PolicyError(f"{p}: expected a JSON object")
         if data.get("schema_version") != SCHEMA_VERSION:
+            old = isinstance(data.get("schema_version"), int) and data["schema_version"] < SCHEMA_VERSION
+            hint = ("; it was written by an older `refusal-guard calibrate` whose thresholds lack the joint "
+                    "guarantee: run `refusal-guard calibrate` again on the same datapoints") if old else ""
             raise PolicyError(f"{p}: schema_version {data.get('schema_version')!r} is not supported "
-                              f"(this build reads {SCHEMA_VERSION})")
+                              f"(this build reads {SCHEMA_VERSION}){hint}")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -221,22 +246,27 @@ class Policy(_Frozen):
 
     # -- queries -----------------------------------------------------------------------------
     def p_correct(self, topic: str | None, will_refuse: bool, confidence: int,
-                  harm_rating: int | None) -> float:
+                  harm_rating: int | None, p_refuse_logprob: float | None = None) -> float:
         """Calibrated P(prediction correct); unknown/None topic uses the global map."""
-        return self._cal.apply(will_refuse, confidence, harm_rating, topic)
+        return self._cal.apply(will_refuse, confidence, harm_rating, topic, p_refuse_logprob)
 
     def thresholds(self, topic: str | None) -> Thresholds:
+        """The topic's own thresholds if it has them, else the global ones."""
         t = self.topics.get(topic) if topic is not None else None
-        return t.thresholds if t is not None else self.global_thresholds
+        return t.thresholds if t is not None and t.thresholds is not None else self.global_thresholds
 
     def baseline(self, topic: str | None) -> Baseline:
         t = self.topics.get(topic) if topic is not None else None
         return t.baseline if t is not None else self.global_baseline
 
     def decide(self, topic: str | None, will_refuse: bool, confidence: int,
-               harm_rating: int | None) -> Action:
+               harm_rating: int | None, p_refuse_logprob: float | None = None) -> Action:
         """Apply the decision rule in the module docstring."""
-        p = self.p_correct(topic, will_refuse, confidence, harm_rating)
+        return self.action(topic, will_refuse, self.p_correct(topic, will_refuse, confidence, harm_rating,
+                                                              p_refuse_logprob))
+
+    def action(self, topic: str | None, will_refuse: bool, p: float) -> Action:
+        """The decision rule for a request whose calibrated P(correct) is already known."""
         th = self.thresholds(topic)
         cut = th.block if will_refuse else th.pass_
         if cut is not None and p >= cut:

@@ -16,6 +16,14 @@ and after each shrinkage step the map is made non-decreasing in confidence by we
 adjacent violators (Ayer et al. 1955; weights = n + prior_strength).  A topic with little data
 therefore lands on the global map, and a missing harm rating uses the map pooled over harm.  It is
 a plain object with ``fit``/``apply`` and JSON round-trip, used identically offline and online.
+
+The continuous score: where the probe returned ``p_refuse_logprob`` (the token probability of
+``will_refuse: true``), the table's P(correct) is refined by a logistic adjustment fitted on the rows
+that have it, ``logit P = logit(table P) + a[side] + b[side] * logit(q)`` with ``q`` the token
+probability of the predicted answer (``p_refuse_logprob`` for a predicted refusal, ``1 -`` it for a
+predicted compliance), clipped to [1e-4, 1 - 1e-4].  The adjustment is kept only when a
+likelihood-ratio test on the fitting rows finds it (chi-square, 2 df per side present, p < 0.01), so
+a logprob without signal leaves the map as it was; requests without a logprob always use the table.
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.special import expit, logit
 from scipy.stats import beta as _beta
+from scipy.stats import chi2 as _chi2
 
 __all__ = ["ece", "brier", "ece_from_counts", "ece_prob", "reliability_table", "pav", "Recalibrator"]
 
@@ -134,23 +144,28 @@ class Recalibrator:
     """
 
     KIND = "refusal-guard/recalibrator"
-    VERSION = 1
+    VERSION = 2
+    #: Fewest fitting rows with a logprob before the adjustment is tried; its test level.
+    MIN_LOGPROB_ROWS = 100
+    LOGPROB_ALPHA = 0.01
 
     def __init__(self, prior_strength: float = 20.0) -> None:
         if prior_strength <= 0:
             raise ValueError("prior_strength must be positive")
         self.prior_strength = float(prior_strength)
+        self.logprob: np.ndarray | None = None    # shape (2, 2): [side] -> (a, b)
         self.global_table: np.ndarray | None = None
         self.topic_tables: dict[str, np.ndarray] = {}
         self.topic_n: dict[str, int] = {}
 
     # -- fitting -----------------------------------------------------------------------------
     def fit(self, will_refuse: Any, confidence: Any, harm_rating: Any, topic: Any, correct: Any,
-            topic_names: Sequence[str] | None = None) -> "Recalibrator":
+            topic_names: Sequence[str] | None = None, p_refuse_logprob: Any | None = None) -> "Recalibrator":
         """Fit from per-request arrays.
 
         ``topic`` is either a sequence of names (``None`` = missing) or, when ``topic_names`` is
-        given, integer codes into it (-1 = missing).  ``harm_rating`` uses 0 or None for missing.
+        given, integer codes into it (-1 = missing).  ``harm_rating`` uses 0 or None for missing;
+        ``p_refuse_logprob`` uses nan (or None) for missing.
         """
         wr = np.asarray(will_refuse, dtype=bool)
         conf = np.asarray(confidence, dtype=np.int64)
@@ -184,6 +199,13 @@ class Recalibrator:
             t2 = _shrink_pav(kt_[:, 1:], nt_[:, 1:], g2, m)
             self.topic_tables[name] = np.concatenate([t1[:, None, :], t2], axis=1)
             self.topic_n[name] = int(nt_.sum())
+        self.logprob = None
+        if p_refuse_logprob is not None:
+            lp = _floats(p_refuse_logprob)
+            has = np.isfinite(lp)
+            if has.sum() >= self.MIN_LOGPROB_ROWS:
+                base = self.apply_many(wr[has], conf[has], harm[has], codes[has], topic_names=names)
+                self.logprob = _fit_logprob(base, wr[has], _agree(lp[has], wr[has]), y[has], self.LOGPROB_ALPHA)
         return self
 
     # -- applying ----------------------------------------------------------------------------
@@ -193,17 +215,21 @@ class Recalibrator:
         return self.global_table
 
     def apply(self, will_refuse: bool, confidence: int, harm_rating: int | None,
-              topic: str | None) -> float:
+              topic: str | None, p_refuse_logprob: float | None = None) -> float:
         """Calibrated P(correct) for one request (unknown topic -> global map)."""
         glob = self._require()
         if not 1 <= int(confidence) <= 5:
             raise ValueError("confidence must be in 1..5")
         table = self.topic_tables.get(topic, glob) if topic is not None else glob
         h = int(harm_rating) if harm_rating is not None and 1 <= int(harm_rating) <= 5 else 0
-        return float(table[int(bool(will_refuse)), h, int(confidence) - 1])
+        p = float(table[int(bool(will_refuse)), h, int(confidence) - 1])
+        if self.logprob is None or p_refuse_logprob is None or not np.isfinite(p_refuse_logprob):
+            return p
+        wr = np.array([bool(will_refuse)])
+        return float(_adjust(np.array([p]), wr, _agree(np.array([float(p_refuse_logprob)]), wr), self.logprob)[0])
 
     def apply_many(self, will_refuse: Any, confidence: Any, harm_rating: Any, topic: Any,
-                   topic_names: Sequence[str] | None = None) -> np.ndarray:
+                   topic_names: Sequence[str] | None = None, p_refuse_logprob: Any | None = None) -> np.ndarray:
         """Vectorised :meth:`apply`; ``topic`` as in :meth:`fit` (names, or codes + names)."""
         glob = self._require()
         codes, names = _topic_codes(topic, topic_names)
@@ -212,7 +238,16 @@ class Recalibrator:
         harm = np.asarray(harm_rating, dtype=np.int64)
         harm = np.where((harm >= 1) & (harm <= 5), harm, 0)
         stack = np.stack([glob] + [self.topic_tables.get(nm, glob) for nm in names])
-        return stack[codes + 1, wr, harm, conf]
+        p = stack[codes + 1, wr, harm, conf]
+        if self.logprob is None or p_refuse_logprob is None:
+            return p
+        lp = _floats(p_refuse_logprob)
+        has = np.isfinite(lp)
+        if has.any():
+            w = wr[has].astype(bool)
+            p = p.copy()
+            p[has] = _adjust(p[has], w, _agree(lp[has], w), self.logprob)
+        return p
 
     # -- serialisation -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -223,16 +258,22 @@ class Recalibrator:
             "global": np.round(glob, 6).tolist(),
             "topics": {k: np.round(v, 6).tolist() for k, v in self.topic_tables.items()},
             "topic_n": dict(self.topic_n),
+            "logprob": None if self.logprob is None else np.round(self.logprob, 6).tolist(),
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Recalibrator":
         if d.get("kind") != cls.KIND or d.get("version") != cls.VERSION:
             raise ValueError(f"not a {cls.KIND} v{cls.VERSION} object")
+        lp = d.get("logprob")
         r = cls(prior_strength=float(d["prior_strength"]))
         r.global_table = _table(d["global"], "global")
         r.topic_tables = {str(k): _table(v, f"topics.{k}") for k, v in d.get("topics", {}).items()}
         r.topic_n = {str(k): int(v) for k, v in d.get("topic_n", {}).items()}
+        if lp is not None:
+            r.logprob = np.asarray(lp, dtype=np.float64)
+            if r.logprob.shape != (2, 2) or not np.isfinite(r.logprob).all():
+                raise ValueError("recalibrator logprob adjustment must be 2x2 finite numbers")
         return r
 
 
@@ -250,3 +291,57 @@ def _topic_codes(topic: Any, topic_names: Sequence[str] | None) -> tuple[np.ndar
     codes = np.fromiter((-1 if t is None else mapping.setdefault(str(t), len(mapping)) for t in topic),
                         np.int64)
     return codes, list(mapping)
+
+
+_CLIP = 1e-4
+
+
+def _floats(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x.astype(np.float64)
+    return np.array([np.nan if v is None else v for v in x], dtype=np.float64)
+
+
+def _agree(p_refuse: np.ndarray, will_refuse: np.ndarray) -> np.ndarray:
+    """logit of the token probability of the predicted answer."""
+    q = np.where(will_refuse, p_refuse, 1.0 - p_refuse)
+    return logit(np.clip(q, _CLIP, 1.0 - _CLIP))
+
+
+def _adjust(p: np.ndarray, will_refuse: np.ndarray, z: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    side = will_refuse.astype(np.int64)
+    off = logit(np.clip(p, _CLIP, 1.0 - _CLIP))
+    return expit(off + coef[side, 0] + coef[side, 1] * z)
+
+
+def _fit_logprob(p: np.ndarray, will_refuse: np.ndarray, z: np.ndarray, y: np.ndarray,
+                 alpha: float) -> np.ndarray | None:
+    """Logistic regression with offset logit(p): per side an intercept and a slope on ``z``.
+
+    Newton-Raphson with a small ridge (0.01) for separable data.  Returns the (2, 2) coefficients,
+    or None when the likelihood-ratio test against the offset alone does not reject at ``alpha``.
+    """
+    off = logit(np.clip(p, _CLIP, 1.0 - _CLIP))
+    side = will_refuse.astype(np.int64)
+    X = np.zeros((p.size, 4))
+    X[np.arange(p.size), 2 * side] = 1.0
+    X[np.arange(p.size), 2 * side + 1] = z
+    beta = np.zeros(4)
+    ridge = 0.01
+    for _ in range(50):
+        mu = expit(off + X @ beta)
+        grad = X.T @ (y - mu) - ridge * beta
+        hess = (X * (mu * (1 - mu))[:, None]).T @ X + ridge * np.eye(4)
+        step = np.linalg.solve(hess, grad)
+        beta += step
+        if np.max(np.abs(step)) < 1e-8:
+            break
+
+    def loglik(eta: np.ndarray) -> float:
+        return float(np.sum(y * eta - np.logaddexp(0.0, eta)))
+
+    lr = 2.0 * (loglik(off + X @ beta) - loglik(off))
+    df = int(np.count_nonzero(np.bincount(side, minlength=2))) * 2
+    if not np.isfinite(lr) or lr < _chi2.ppf(1.0 - alpha, df):
+        return None
+    return beta.reshape(2, 2)

@@ -64,6 +64,8 @@ def test_baseline_fallback_and_derived_rates(policy_json):
 @pytest.mark.parametrize("mutate,needle", [
     (lambda d: d.pop("data_hash"), "data_hash"),
     (lambda d: d.update(schema_version=99), "schema_version 99"),
+    (lambda d: d.pop("certification"), "certification"),
+    (lambda d: d["calibrator"].update(logprob=[[0.0, 1.0]]), "calibrator"),
     (lambda d: d["thresholds"].update({"pass": 1.5}), "thresholds.pass"),
     (lambda d: d.update(calibrator={"kind": "x"}), "calibrator"),
     (lambda d: d.update(surprise=1), "surprise"),
@@ -85,3 +87,43 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(PolicyError, match="not valid JSON"):
         Policy.load(tmp_path / "x.json")
+
+
+def test_schema_1_files_are_refused_with_a_way_forward(policy_json, tmp_path):
+    data = json.loads(policy_json.read_text())
+    assert data["schema_version"] == 2
+    data["schema_version"] = 1
+    p = tmp_path / "old.json"
+    p.write_text(json.dumps(data))
+    with pytest.raises(PolicyError) as exc:
+        Policy.load(p)
+    msg = str(exc.value)
+    assert "schema_version 1 is not supported" in msg and "run `refusal-guard calibrate` again" in msg
+
+
+def test_topic_without_own_thresholds_uses_the_global_ones(policy_json):
+    data = json.loads(policy_json.read_text())
+    data["thresholds"] = {"block": 0.0, "pass": 0.0}
+    data["topics"]["x"]["thresholds"] = None
+    data["topics"]["y"]["thresholds"] = {"block": None, "pass": None}
+    p = Policy.model_validate(data)
+    assert p.thresholds("x") == p.global_thresholds
+    assert p.decide("x", True, 1, None) == "block" and p.decide("x", False, 1, None) == "pass"
+    assert p.decide("y", True, 5, 5) == "review"                 # own null thresholds: never auto-route
+    assert data["certification"]["tests"] >= 0 and "Bonferroni" in data["certification"]["method"]
+
+
+def test_logprob_adjustment_round_trips_and_is_applied(policy_json):
+    from scipy.special import expit, logit
+
+    data = json.loads(policy_json.read_text())
+    data["calibrator"]["logprob"] = [[0.1, 0.5], [-0.2, 1.0]]      # [side][intercept, slope]
+    p = Policy.model_validate(data)
+    base = p.p_correct("x", True, 4, 2)
+    q = 0.9
+    assert p.p_correct("x", True, 4, 2, q) == pytest.approx(float(expit(logit(base) - 0.2 + 1.0 * logit(q))), abs=1e-9)
+    base_c = p.p_correct("x", False, 4, 2)
+    # predicted comply: the probability of the predicted answer is 1 - p_refuse
+    assert p.p_correct("x", False, 4, 2, 1 - q) == pytest.approx(float(expit(logit(base_c) + 0.1 + 0.5 * logit(q))), abs=1e-9)
+    assert p.p_correct("x", True, 4, 2, None) == base
+    assert Policy.model_validate_json(p.to_json()).p_correct("x", True, 4, 2, q) == p.p_correct("x", True, 4, 2, q)

@@ -126,3 +126,55 @@ def test_policy_from_the_proxys_own_log_is_enforced_without_flags(start_proxy, s
     result.policy.save(policy_file)
     enforced = start_proxy(mode="sequential", policy=str(policy_file))
     assert 'enforced="true"' in httpx.get(enforced.url + "/metrics").text
+
+
+def _logprobs_saying(p_true: float) -> list:
+    import math
+
+    alts = [{"token": "true", "logprob": math.log(p_true)}, {"token": "false", "logprob": math.log(1 - p_true)}]
+    return [{"token": '{"will_refuse": ', "logprob": 0.0, "top_logprobs": []},
+            {"token": "true", "logprob": math.log(p_true), "top_logprobs": alts}]
+
+
+def test_the_probe_logprob_moves_p_correct_and_the_action(start_proxy, script, policies, tmp_path):
+    """A schema-2 policy with a logprob adjustment: the same verbal answer is blocked when the token
+    probability backs it and sent to review when it does not; headers keep their meaning."""
+    from calibration.policy import Policy
+
+    data = json.loads(policies["enforced"].read_text())
+    assert data["schema_version"] == 2
+    data["calibrator"]["logprob"] = [[0.0, 0.0], [0.0, 1.5]]   # predicted refuse: slope 1.5 on logit(q)
+    pol = Policy.model_validate(data)
+    cut = pol.thresholds("other").block
+    assert cut is not None
+    live = tmp_path / "policy.json"
+    pol.save(live)
+    proxy = start_proxy(mode="sequential", policy=str(live))
+    sure, unsure = 0.999, 0.3
+    assert pol.p_correct("other", True, 5, 4, sure) >= cut > pol.p_correct("other", True, 5, 4, unsure)
+    script.probe_logprobs = _logprobs_saying(sure)
+    backed = headers_for(proxy, script, True, 5, 4, "lp-a")
+    assert backed["x-refusal-guard-action"] == "block"
+    assert float(backed["x-refusal-guard-p-correct"]) == pytest.approx(pol.p_correct("other", True, 5, 4, sure), abs=1e-3)
+    script.probe_logprobs = _logprobs_saying(unsure)
+    doubted = headers_for(proxy, script, True, 5, 4, "lp-b")
+    assert doubted["x-refusal-guard-action"] == "review"
+    assert float(doubted["x-refusal-guard-p-correct"]) == pytest.approx(pol.p_correct("other", True, 5, 4, unsure), abs=1e-3)
+    script.probe_logprobs = None
+    plain = headers_for(proxy, script, True, 5, 4, "lp-c")
+    assert float(plain["x-refusal-guard-p-correct"]) == pytest.approx(pol.p_correct("other", True, 5, 4), abs=1e-3)
+
+
+def test_a_schema_1_policy_file_is_refused_at_start(tmp_path, policies):
+    from prometheus_client import CollectorRegistry
+
+    from calibration.policy import PolicyError
+    from guard.live.metrics import GuardMetrics
+    from guard.probe.policy import PolicyStore
+
+    data = json.loads(policies["enforced"].read_text())
+    data["schema_version"] = 1
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    with pytest.raises(PolicyError, match="schema_version 1 is not supported.*calibrate` again"):
+        PolicyStore(old, TEMPLATE_HASH, GuardMetrics(CollectorRegistry()))

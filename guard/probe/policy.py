@@ -47,10 +47,8 @@ class ActivePolicy:
         if self.policy is None:
             return default_decision(prediction)
         p, topic = prediction, prediction.topic
-        return Decision(
-            self.policy.decide(topic, p.will_refuse, p.confidence, p.harm_rating),
-            self.policy.p_correct(topic, p.will_refuse, p.confidence, p.harm_rating),
-        )
+        p_correct = self.policy.p_correct(topic, p.will_refuse, p.confidence, p.harm_rating, p.p_refuse_logprob)
+        return Decision(self.policy.action(topic, p.will_refuse, p_correct), p_correct)
 
 
 def default_decision(prediction: Prediction) -> Decision:
