@@ -358,6 +358,9 @@ def fit_and_certify(table: DatapointTable, fit_rows: np.ndarray, target_accuracy
     rec = Recalibrator().fit(wr[fit_rows], conf[fit_rows], table.harm_rating[fit_rows],
                              table.topic[fit_rows], correct[fit_rows], topic_names=table.topics,
                              p_refuse_logprob=None if lp is None else lp[fit_rows])
+    # Score with the calibrator exactly as the policy file stores it (its tables are rounded), so the
+    # certified sets are the ones the proxy will route, row for row.
+    rec = Recalibrator.from_dict(rec.to_dict())
     score = rec.apply_many(wr, conf, table.harm_rating, table.topic, topic_names=table.topics,
                            p_refuse_logprob=lp)
     cert = certify_policy(score, correct, table.topic, table.prompt, fit_rows, table.topics,

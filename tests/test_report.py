@@ -40,14 +40,6 @@ def _good(n_prompts: int = 1500, seed: int = 3) -> DatapointTable:
                                       harm_rating=d["harm_rating"])
 
 
-def _perfect(n: int, seed: int = 0) -> DatapointTable:
-    """Every prediction right, at confidence 5: only the amount of data limits certification."""
-    rng = np.random.default_rng(seed)
-    refused = rng.random(n) < 0.4
-    return DatapointTable.from_arrays(prompt=np.arange(n), will_refuse=refused, confidence=np.full(n, 5, np.int8),
-                                      refused=refused)
-
-
 @pytest.fixture(scope="module")
 def uncertified(tmp_path_factory):
     result = calibrate_table(_smollm_like(), target_accuracy=0.98, confidence=0.95, n_boot=100)
@@ -61,11 +53,11 @@ def test_outlook_of_an_uncertified_policy_says_everything_goes_to_review(uncerti
     o = policy_outlook(result)
     assert isinstance(o, Outlook)
     assert not o.certified and (o.share_block, o.share_pass, o.share_review) == (0.0, 0.0, 1.0)
-    assert o.why_not and "183" in o.why_not  # 183 = ceil(log .025 / log .98) error-free rows needed
+    assert o.why_not and "98% accurate" in o.why_not
     assert o.more_datapoints is None  # 70% accurate: more of the same cannot reach 98%
     lines = o.lines()
     assert "sends 100% to review" in lines[0]
-    assert any("would not change that" in line for line in lines)
+    assert any("would not make a threshold certifiable" in line for line in lines)
 
 
 def test_outlook_shares_are_the_policy_applied_to_the_datapoints():
@@ -79,18 +71,6 @@ def test_outlook_shares_are_the_policy_applied_to_the_datapoints():
     assert o.share_pass == pytest.approx(actions.count("pass") / table.n)
     assert o.share_block + o.share_pass + o.share_review == pytest.approx(1.0)
     assert 0 < o.share_review < 1
-
-
-def test_more_datapoints_estimate_is_enough_on_data_like_these():
-    small = calibrate_table(_perfect(120), target_accuracy=0.98, confidence=0.95, n_boot=50)
-    o = policy_outlook(small)
-    assert not o.certified and o.more_datapoints is not None and o.more_datapoints > 0
-    bigger = calibrate_table(_perfect(120 + o.more_datapoints, seed=1), target_accuracy=0.98, confidence=0.95,
-                             n_boot=50)
-    assert policy_outlook(bigger).certified
-    half = calibrate_table(_perfect(120 + o.more_datapoints // 2, seed=2), target_accuracy=0.98, confidence=0.95,
-                           n_boot=50)
-    assert not policy_outlook(half).certified  # the figure is not a wild overestimate either
 
 
 def test_report_opens_with_the_outlook_and_html_has_no_markdown(uncertified):
