@@ -20,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 
 from guard.proxy.chat_request import ChatRequest
 from guard.errors import upstream_protocol
+from guard.proxy.headers import add_relayed_headers
 from guard.proxy.sse import ContentCollector, completion_text, sse_event
 from guard.proxy.upstream import Upstream, UpstreamFailure, UpstreamResponse, response_headers
 
@@ -33,7 +34,7 @@ class Exchange:
     status: int
     text: str | None  # the assistant's answer; None if there was none or it was cut off
     seconds: float
-    error: str | None = None  # connect|timeout|protocol|status_4xx|status_5xx|truncated
+    error: str | None = None  # connect|timeout|protocol|too_large|status_4xx|status_5xx|truncated
 
 
 OnDone = Callable[[Exchange], None]
@@ -83,25 +84,28 @@ def failed_exchange(failure: UpstreamFailure, started: float) -> Exchange:
     return Exchange(failure.status, None, time.perf_counter() - started, failure.reason)
 
 
-def respond(generation: Generation, extra_headers: Mapping[str, str], on_done: OnDone) -> Response:
-    """The client's response for ``generation``, with the guard's headers added."""
+def respond(generation: Generation, extra_headers: Mapping[str, str], on_done: OnDone, *,
+            label_max_chars: int | None = None) -> Response:
+    """The client's response for ``generation``, with the guard's headers added.
+
+    At most ``label_max_chars`` characters of the answer are kept for labelling (the start).
+    """
     if generation.whole is not None:
         answer = generation.whole
+        text = completion_text(answer.body) if answer.status < 300 else None
         exchange = Exchange(
             answer.status,
-            completion_text(answer.body) if answer.status < 300 else None,
+            text[:label_max_chars] if text is not None and label_max_chars is not None else text,
             time.perf_counter() - generation.started,
             _status_reason(answer.status),
         )
-        return Response(answer.body, status_code=answer.status, headers={**answer.headers, **extra_headers},
-                        background=BackgroundTask(_report, on_done, exchange))
+        return add_relayed_headers(Response(answer.body, status_code=answer.status, headers=extra_headers,
+                                            background=BackgroundTask(_report, on_done, exchange)), answer.headers)
     assert generation.stream is not None
     deadline = asyncio.get_running_loop().time() + generation.upstream.total_timeout
-    return StreamingResponse(
-        _relay(generation, deadline, on_done),
-        status_code=generation.stream.status_code,
-        headers={**response_headers(generation.stream.headers), **extra_headers},
-    )
+    response = StreamingResponse(_relay(generation, deadline, on_done, label_max_chars),
+                                 status_code=generation.stream.status_code, headers=extra_headers)
+    return add_relayed_headers(response, response_headers(generation.stream.headers))
 
 
 async def _report(on_done: OnDone, exchange: Exchange) -> None:
@@ -110,9 +114,10 @@ async def _report(on_done: OnDone, exchange: Exchange) -> None:
     on_done(exchange)
 
 
-async def _relay(generation: Generation, deadline: float, on_done: OnDone) -> AsyncIterator[bytes]:
+async def _relay(generation: Generation, deadline: float, on_done: OnDone,
+                 label_max_chars: int | None) -> AsyncIterator[bytes]:
     assert generation.stream is not None
-    collector = ContentCollector()
+    collector = ContentCollector(max_chars=label_max_chars)
     error: str | None = None
     try:
         async for chunk in generation.upstream.relay(generation.stream, deadline):
