@@ -152,6 +152,13 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("prompt_hash_key")
+    @classmethod
+    def _long_enough_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
+        return value
+
     @field_validator("topics", "api_keys", mode="before")
     @classmethod
     def _split_topics(cls, value: Any) -> Any:

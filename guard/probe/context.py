@@ -38,22 +38,30 @@ MARKER_ROLE = "omitted"
 
 @dataclass(frozen=True, slots=True)
 class ProbeView:
-    """The probe's view: ``items`` in conversation order, ``text`` exactly as the probe embeds them."""
+    """The probe's view: ``items`` in conversation order; :attr:`document` is what the probe embeds
+    (the items, or with ``last_user_only`` the last user turn's text alone) and :attr:`text` its JSON."""
 
     items: tuple[dict[str, str], ...]
     n_unknown_parts: int
     truncated: bool
+    last_user_only: bool = False
+
+    @property
+    def document(self) -> str | list[dict[str, str]]:
+        if self.last_user_only:
+            return self.last_user_text()
+        return list(self.items)
 
     @property
     def text(self) -> str:
-        return json.dumps(list(self.items), ensure_ascii=False)
+        return json.dumps(self.document, ensure_ascii=False)
 
     def last_user_text(self) -> str:
-        """The content of the last user item ("" if there is none): what datapoints hash."""
+        """The content of the last user item (else of the last item, else ""): what datapoints hash."""
         for item in reversed(self.items):
             if item["role"] == "user":
                 return item["content"]
-        return ""
+        return self.items[-1]["content"] if self.items else ""
 
 
 def conversation_view(
@@ -89,7 +97,7 @@ def conversation_view(
     elif last_user is not None and (last_user >= len(items) or items[last_user]["role"] != "user"):
         last_user = None  # an empty user message contributed no item
     kept, truncated = _fit(items, last_user, budget_chars)
-    return ProbeView(tuple(kept), counter.n, truncated)
+    return ProbeView(tuple(kept), counter.n, truncated, last_user_only)
 
 
 def last_user_text(messages: Sequence[Any]) -> str:
