@@ -119,12 +119,17 @@ async def _relay(generation: Generation, deadline: float, on_done: OnDone,
     assert generation.stream is not None
     collector = ContentCollector(max_chars=label_max_chars)
     error: str | None = None
+    events = _WholeEvents()
     try:
         async for chunk in generation.upstream.relay(generation.stream, deadline):
             collector.feed(chunk)
-            yield chunk
+            if complete := events.feed(chunk):
+                yield complete
+        if rest := events.rest():
+            yield rest
     except UpstreamFailure as failure:
-        # Headers are already sent: report the failure in-band, as OpenAI does.
+        # Headers are already sent: report the failure in-band, as OpenAI does, after the last whole
+        # event (a cut event in progress is dropped, so the error event parses).
         error = failure.reason
         with contextlib.suppress(Exception):
             yield sse_event({"error": {"message": failure.message, "type": failure.type, "param": None, "code": failure.code}})
@@ -141,3 +146,29 @@ async def _relay(generation: Generation, deadline: float, on_done: OnDone,
             asyncio.get_running_loop().call_soon(on_done, exchange)
         except RuntimeError:  # finalised outside the loop (interpreter shutdown): score now, lose nothing
             on_done(exchange)
+
+
+class _WholeEvents:
+    """Relays an SSE byte stream in whole events: each chunk up to its last event boundary (a blank
+    line) goes out at once, the event still in progress waits for its end. Costs one search of each
+    chunk (and the two bytes before it), never a copy of what is withheld."""
+
+    def __init__(self) -> None:
+        self._held: list[bytes] = []
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        window = self._tail + chunk
+        ends = [i + len(mark) for mark in (b"\n\n", b"\n\r\n") if (i := window.rfind(mark)) >= 0]
+        end = max(ends, default=0) - len(self._tail)  # where the last whole event ends, in ``chunk``
+        self._tail = window[-2:]
+        if end <= 0:  # no event ends in this chunk
+            self._held.append(chunk)
+            return b""
+        out = b"".join([*self._held, chunk[:end]])
+        self._held = [chunk[end:]] if end < len(chunk) else []
+        return out
+
+    def rest(self) -> bytes:
+        out, self._held = b"".join(self._held), []
+        return out
