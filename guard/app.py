@@ -70,10 +70,11 @@ CHAT_REQUEST_SCHEMA = {
                 "role": {"type": "string", "examples": ["system", "user", "assistant", "tool"]},
                 "content": {"anyOf": [
                     {"type": "string"},
-                    {"type": "array", "items": {  # parts other than text ones are forwarded unread
-                        "if": {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}},
-                        "then": {"properties": {"text": {"type": "string"}}},
-                    }},
+                    {"type": "array", "items": {"allOf": [  # text-bearing parts need string text; others pass
+                        {"if": {"type": "object", "required": ["type"], "properties": {"type": {"enum": list(kinds)}}},
+                         "then": {"required": [key], "properties": {key: {"type": "string"}}}}
+                        for key, kinds in (("text", ("text", "input_text", "output_text")), ("refusal", ("refusal",)))
+                    ]}},
                     {"type": "null"},
                 ]},
             },
