@@ -92,6 +92,8 @@ def build_hostile(state: Hostile) -> Starlette:
         if state.stream_forever:
             return StreamingResponse(_forever(model), media_type="text/event-stream")
         content = "a" * state.reply_bytes if state.reply_bytes else state.reply
+        if body.get("stream"):
+            return StreamingResponse(_stream(content, model), media_type="text/event-stream")
         return _json(_completion(content, model), headers=state.extra_headers)
 
     def _probe(body: dict, model: str) -> Response:
@@ -107,6 +109,14 @@ def build_hostile(state: Hostile) -> Starlette:
         if "UNPARSEABLE" in document:
             return _json(_completion("I think I would probably help.", model))
         return _json(_completion(json.dumps(REFUSE if "HARMFUL" in document else COMPLY), model))
+
+    async def _stream(content: str, model: str):
+        base = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": model}
+        for i in range(0, len(content), 4096):
+            delta = {"index": 0, "delta": {"content": content[i:i + 4096]}, "finish_reason": None}
+            yield f"data: {json.dumps({**base, 'choices': [delta]})}\n\n"
+        yield f"data: {json.dumps({**base, 'choices': [{'index': 0, 'delta': {}, 'finish_reason': 'stop'}]})}\n\n"
+        yield "data: [DONE]\n\n"
 
     async def _forever(model: str):
         chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": model,

@@ -103,11 +103,9 @@ def _longest_stall(stream: bool, **settings: Any) -> float:
             httpx.get(proxy.url + "/healthz")  # the loop is known from here on
             watch.start()
             body = {"model": "m", "messages": [{"role": "user", "content": "long answer please"}], "stream": stream}
-            if stream:
-                state.reply_bytes = 0
-                state.reply = "b" * (5 * MIB)
             r = httpx.post(proxy.url + "/v1/chat/completions", json=body, timeout=60)
             assert r.status_code == 200 and len(r.content) >= 5 * MIB
+            assert r.headers["content-type"].startswith("text/event-stream" if stream else "application/json")
             deadline = time.monotonic() + 10  # the answer is labelled after the last byte: wait for the count
             while metric_sum(metric_samples(proxy.url), "refusal_guard_requests_total") < 1:
                 assert time.monotonic() < deadline
