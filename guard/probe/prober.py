@@ -140,7 +140,7 @@ class Prober:
         """The model the probe asks: ``probe_model`` if configured, else the request's."""
         return self.model or requested
 
-    def dialect(self, model: str | None = None) -> Dialect:
+    def dialect_for(self, model: str | None) -> Dialect:
         """The structured-output dialect the next probe for ``model`` will use."""
         return self._ladder[self._dialect_state(self._key(model)).rung]
 
