@@ -218,7 +218,8 @@ class Prober:
         return ProbeResult("ok", prediction, seconds)
 
     async def _ask(self, model: str | None, view: ProbeView, headers: Mapping[str, str]) -> Prediction:
-        state = self._dialect_state(self._key(model))
+        key = self._key(model)
+        state = self._dialect_state(key)
         while True:
             rung = state.rung
             answer = await self._send(model, view, self._ladder[rung], headers)
@@ -227,6 +228,7 @@ class Prober:
                     continue  # another probe already stepped this model down meanwhile
                 if await self._check_rejects(model, self._ladder[rung], headers):
                     state.rung, state.retry_at = rung + 1, self.clock() + self.dialect_retry
+                    self._dialects[key] = state
                     continue
             if answer.status >= 500:
                 raise _ProbeFailed("error")  # the upstream is unwell: feeds the breaker
@@ -262,14 +264,17 @@ class Prober:
 
     # --- breakers and dialect state, per upstream and model --------------------------------
     def _key(self, model: str | None) -> tuple[str, str]:
-        return (self.upstream.base_url, model or "")
+        """(upstream, model digest): a client's model string may be megabytes; its key is 32 characters."""
+        return (self.upstream.base_url, hashlib.sha256((model or "").encode("utf-8", "replace")).hexdigest()[:32])
 
     def _dialect_state(self, key: tuple[str, str]) -> _DialectState:
+        """The model's dialect state; only a model that stepped down is kept (a fresh state otherwise)."""
         state = self._dialects.get(key)
         if state is None:
-            state = self._dialects[key] = _DialectState()
-        elif state.rung and self.clock() >= state.retry_at:
-            state.rung = 0  # from time to time, try the best dialect again
+            return _DialectState()
+        if self.clock() >= state.retry_at:
+            del self._dialects[key]  # from time to time, try the best dialect again
+            return _DialectState()
         return state
 
     def _failed(self, key: tuple[str, str], failed: _ProbeFailed, started: float) -> ProbeResult:
