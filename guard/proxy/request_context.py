@@ -67,9 +67,9 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
-        except (ClientDisconnect, ConnectionError) as exc:
-            # The client went away (mid-body, or while its answer was being sent): its own doing,
-            # counted as 499 (client closed request), never a 500 with a traceback.
+        except ClientDisconnect as exc:
+            # The client went away before its request was read: its own doing, counted as 499
+            # (client closed request), never a 500 with a traceback.
             log.debug("client closed the connection on %s (request %s): %s", route, request_id, type(exc).__name__)
             if not response_started:
                 status = 499
