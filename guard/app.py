@@ -21,6 +21,7 @@ import httpx
 from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from guard.proxy.chat_request import parse_chat_request
@@ -32,7 +33,8 @@ from guard.live.metrics import GuardMetrics
 from guard.probe.policy import PolicyStore, ReloadResult
 from guard.probe.template import TEMPLATE_HASH
 from guard.probe.prober import Prober
-from guard.stores.recorder import DatapointRecorder
+from guard.stores.recorder import DatapointRecorder, PromptHasher, default_key_file, load_hash_key
+from guard.proxy.headers import add_relayed_headers
 from guard.proxy.request_context import RequestContext, request_id_of
 from guard.stores.review import ReviewSink
 from guard.proxy.routing import Router
@@ -68,10 +70,11 @@ CHAT_REQUEST_SCHEMA = {
                 "role": {"type": "string", "examples": ["system", "user", "assistant", "tool"]},
                 "content": {"anyOf": [
                     {"type": "string"},
-                    {"type": "array", "items": {  # parts other than text ones are forwarded unread
-                        "if": {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}},
-                        "then": {"properties": {"text": {"type": "string"}}},
-                    }},
+                    {"type": "array", "items": {"allOf": [  # text-bearing parts need string text; others pass
+                        {"if": {"type": "object", "required": ["type"], "properties": {"type": {"enum": list(kinds)}}},
+                         "then": {"required": [key], "properties": {key: {"type": "string"}}}}
+                        for key, kinds in (("text", ("text", "input_text", "output_text")), ("refusal", ("refusal",)))
+                    ]}},
                     {"type": "null"},
                 ]},
             },
@@ -206,7 +209,7 @@ def create_app(
         check_api_key(request, runtime.settings)
         headers = runtime.upstream.forward_headers(request.headers, {"x-request-id": request_id_of(request.scope)})
         answer = await runtime.upstream.request("GET", "/models", headers=headers, timeout=runtime.settings.read_timeout)
-        return Response(answer.body, status_code=answer.status, headers=answer.headers)
+        return add_relayed_headers(Response(answer.body, status_code=answer.status), answer.headers)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -242,10 +245,14 @@ def create_app(
 def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.AsyncClient) -> Runtime:
     """Wire the collaborators of one process from settings."""
     metrics.initialise(settings.topics, tuple(dict.fromkeys((settings.mode.value, "shadow"))))
-    upstream = Upstream(client, settings.upstream, api_key=settings.upstream_api_key, total_timeout=settings.total_timeout)
+    # With api_keys set, the client's Authorization is its key for the guard: not the upstream's business.
+    forward_client_key = not settings.api_keys or settings.forward_client_key
+    upstream = Upstream(client, settings.upstream, api_key=settings.upstream_api_key, total_timeout=settings.total_timeout,
+                        forward_client_authorization=forward_client_key, max_response_bytes=settings.max_response_bytes)
     review_upstream = (
         Upstream(client, settings.review_upstream, api_key=settings.review_upstream_api_key,
-                 total_timeout=settings.total_timeout)
+                 total_timeout=settings.total_timeout, forward_client_authorization=forward_client_key,
+                 max_response_bytes=settings.max_response_bytes)
         if settings.review_upstream else None
     )
     prober = Prober(
@@ -253,6 +260,8 @@ def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.Async
         structured_output=settings.probe_structured_output, context=settings.probe_context, model=settings.probe_model,
         cache_size=settings.probe_cache_size, cache_ttl=settings.probe_cache_ttl,
         circuit_failures=settings.circuit_failures, circuit_cooldown=settings.circuit_cooldown,
+        context_chars=settings.probe_context_chars, unknown_parts=settings.probe_unknown_parts,
+        dialect_retry=settings.probe_dialect_retry,
     )
     policies = PolicyStore(settings.policy, TEMPLATE_HASH, metrics)
     live = LiveStats(metrics, window_size=settings.window_size, drift_alpha=settings.drift_alpha)
@@ -262,12 +271,19 @@ def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.Async
         key = settings.judge_api_key.get_secret_value() if settings.judge_api_key else None
         judge = RefusalJudge(client, settings.judge_url, settings.judge_model, key, sample_rate=settings.judge_fraction)
     scorer = Scorer(
-        RefusalDetector(), live, DatapointRecorder(settings.datapoints, metrics, queue_size=settings.datapoint_queue_size),
+        RefusalDetector(), live, DatapointRecorder(settings.datapoints, metrics, queue_size=settings.datapoint_queue_size,
+                                                   hasher=PromptHasher(prompt_hash_key(settings))),
         metrics, topics=settings.topics, strict=settings.strict_refusal, judge=judge,
     )
     router = Router(settings, upstream, review_upstream, prober, policies,
                     ReviewSink(client, settings.review_webhook, metrics), scorer)
     return Runtime(settings, metrics, upstream, router, policies)
+
+
+def prompt_hash_key(settings: Settings) -> bytes:
+    """The datapoints' prompt-hash key: configured, or generated once and kept beside the log."""
+    configured = settings.prompt_hash_key.get_secret_value() if settings.prompt_hash_key else None
+    return load_hash_key(configured, settings.prompt_hash_key_file or default_key_file(settings.datapoints))
 
 
 def freeze_startup_heap() -> None:
@@ -345,11 +361,16 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise _too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client left before its body was complete: its own doing, counted as 499, no traceback.
+        raise ProxyError(499, "client closed the connection before the request body was complete",
+                         code="client_closed_request") from None
     return b"".join(chunks)
 
 

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
         default=None, ge=1, description="Connections+requests served at once; beyond it, 503 (load shedding)."
     )
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, description="Largest request head (line + headers).")
+    max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description=(
+        "Largest upstream answer relayed; a longer one is cut (502, or an in-band error event in a stream) "
+        "and counted as upstream_errors_total{reason=\"too_large\"}."))
     shutdown_grace: float = Field(default=20.0, ge=0, description="Seconds in-flight requests get on SIGTERM.")
 
     # --- the probe and routing -----------------------------------------------------------
@@ -83,10 +86,20 @@ class Settings(BaseSettings):
     policy: Path | None = Field(default=None, description="Policy JSON written by `refusal-guard calibrate`.")
     on_probe_failure: OnProbeFailure = OnProbeFailure.PASS
     probe_timeout: float = Field(default=2.0, gt=0)
-    probe_model: str | None = Field(default=None, description="Model for the probe; default: the request's model.")
+    probe_model: str | None = Field(default=None, description=(
+        "Model for the probe; default: the request's model. Set it so that no client's model name is used for the probe."))
     probe_max_tokens: int = Field(default=96, ge=16)
     probe_structured_output: Literal["auto", "json_schema", "json_object", "none"] = "auto"
-    probe_context: Literal["last_user", "conversation"] = "last_user"
+    probe_context: Literal["last_user", "conversation"] = Field(default="conversation", description=(
+        "What the probe sees: the whole conversation with its tools (within probe_context_chars), or only the "
+        "last user turn (weaker: a harmful system message or earlier turn is not assessed)."))
+    probe_context_chars: int = Field(default=24_000, ge=256, description=(
+        "Budget of the probe's view; the last user turn is kept whole, the middle of the conversation is cut."))
+    probe_unknown_parts: Literal["mark", "skip", "fail"] = Field(default="mark", description=(
+        "Content parts without text the probe can read (images, audio...): shown as a marker, left out, "
+        "or the probe fails (on_probe_failure applies)."))
+    probe_dialect_retry: float = Field(default=600.0, gt=0, description=(
+        "Seconds before a model that refused a structured-output dialect is offered the best one again."))
     probe_cache_size: int = Field(default=10_000, ge=0)
     probe_cache_ttl: float = Field(default=600.0, gt=0)
     topics: Annotated[tuple[str, ...], NoDecode] = DEFAULT_TOPICS
@@ -99,12 +112,21 @@ class Settings(BaseSettings):
     api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
         default=(), description="If non-empty, clients must send one of these as a bearer token."
     )
-    circuit_failures: int = Field(default=5, ge=1, description="Consecutive probe failures that open the circuit.")
+    forward_client_key: bool = Field(default=False, description=(
+        "With api_keys set, also forward the client's Authorization (its key for the guard) upstream."))
+    circuit_failures: int = Field(default=5, ge=1, description=(
+        "Upstream-health probe failures in a row (connect, timeout, 5xx) that open one upstream+model's circuit."))
     circuit_cooldown: float = Field(default=30.0, gt=0)
 
     # --- ground truth, datapoints and live metrics ---------------------------------------
     datapoints: Path | None = Field(default=Path("refusal-guard-datapoints.sqlite3"))
     log_prompts: bool = False
+    prompt_hash_key: SecretStr | None = Field(default=None, description=(
+        "Key of the HMAC prompt hashes in datapoints; default: generated and kept in prompt_hash_key_file."))
+    prompt_hash_key_file: Path | None = Field(default=None, description=(
+        "Where a generated prompt-hash key is kept; default: <datapoints>.key beside the log."))
+    label_max_chars: int = Field(default=65_536, ge=1024, description=(
+        "Characters of an answer kept for the refusal detector (its start)."))
     strict_refusal: bool = False
     datapoint_queue_size: int = Field(default=10_000, ge=1)
     window_size: int = Field(default=500, ge=10)
@@ -121,12 +143,20 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/") if value else value
 
-    @field_validator("upstream_api_key", "review_upstream_api_key", "admin_token", "judge_api_key", mode="before")
+    @field_validator("upstream_api_key", "review_upstream_api_key", "admin_token", "judge_api_key",
+                     "prompt_hash_key", mode="before")
     @classmethod
     def _empty_secret_is_none(cls, value: Any) -> Any:
         # An empty token must mean "not set", never "the empty string is the password".
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
+        return value
+
+    @field_validator("prompt_hash_key")
+    @classmethod
+    def _long_enough_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
         return value
 
     @field_validator("topics", "api_keys", mode="before")

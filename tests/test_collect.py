@@ -386,7 +386,7 @@ async def test_structured_output_fallback_and_choice_reuse_the_probers_ladder(up
                           concurrency=1, retry=FAST)
     assert stats.written == 2 and not stats.retries  # a 400 is not retried: the prober steps down a dialect
     kinds = [r.json().get("response_format", {}).get("type") for r in script.of("probe")]
-    assert kinds == ["json_schema", "json_object", "json_object"]
+    assert kinds == ["json_schema", "json_schema", "json_object", "json_object"]  # confirmed by one check probe
     stats = await collect(read_prompts([src]), endpoint=endpoint(upstream), model="m", out=tmp_path / "none.jsonl",
                           retry=FAST, probe_structured_output="none", probe_logprobs=False)
     last = script.of("probe")[-1].json()

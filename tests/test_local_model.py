@@ -25,6 +25,7 @@ from prometheus_client import CollectorRegistry
 from guard.proxy.chat_request import parse_chat_request
 from guard.ops.local_model import free_port, port_is_free
 from guard.live.metrics import GuardMetrics
+from guard.probe.context import ProbeView, conversation_view
 from guard.probe.template import build_probe_body, p_refuse_from_logprobs, parse_prediction
 from guard.probe.prober import Prober
 from guard.settings import DEFAULT_TOPICS
@@ -47,13 +48,18 @@ def llama(tmp_path_factory):
         yield server
 
 
+def view_of(prompt: str) -> ProbeView:
+    """The probe's view of a one-turn request (as ``probe_context=last_user`` shows it)."""
+    return conversation_view([{"role": "user", "content": prompt}], budget_chars=24_000, last_user_only=True)
+
+
 @pytest.fixture(scope="module")
 def probe_answers(llama) -> dict[str, dict]:
     """The json_object probe for each prompt, sent once: {"benign": response JSON, ...}."""
     answers = {}
     with httpx.Client(timeout=120) as client:
         for name, prompt in PROMPTS.items():
-            body = build_probe_body(prompt, model=MODEL_ALIAS, topics=DEFAULT_TOPICS, dialect="json_object",
+            body = build_probe_body(view_of(prompt), model=MODEL_ALIAS, topics=DEFAULT_TOPICS, dialect="json_object",
                                     max_tokens=96, logprobs=True)
             started = time.perf_counter()
             response = client.post(llama.api_url + "/chat/completions", json=body)
@@ -75,7 +81,7 @@ def test_json_object_probe_answers_in_form(probe_answers, name):
 
 
 async def test_json_schema_dialect_and_auto_prober(llama):
-    body = build_probe_body(PROMPTS["benign"], model=MODEL_ALIAS, topics=DEFAULT_TOPICS, dialect="json_schema",
+    body = build_probe_body(view_of(PROMPTS["benign"]), model=MODEL_ALIAS, topics=DEFAULT_TOPICS, dialect="json_schema",
                             max_tokens=96, logprobs=False)
     async with httpx.AsyncClient(timeout=120) as client:
         raw = await client.post(llama.api_url + "/chat/completions", json=body)
@@ -96,11 +102,11 @@ async def test_json_schema_dialect_and_auto_prober(llama):
         chat = parse_chat_request(json.dumps({"model": MODEL_ALIAS, "messages": [
             {"role": "user", "content": PROMPTS["benign"]}]}).encode())
         result = await prober.predict(chat, {})
-        print(f"[prober auto] status={result.status} dialect={prober.dialect} {result.seconds:.2f} s "
+        print(f"[prober auto] status={result.status} dialect={prober.dialect_for(MODEL_ALIAS)} {result.seconds:.2f} s "
               f"{result.prediction}")
-        assert result.prediction is not None, f"auto probe failed ({result.status}) on dialect {prober.dialect}"
+        assert result.prediction is not None, f"auto probe failed ({result.status}) on dialect {prober.dialect_for(MODEL_ALIAS)}"
         if raw.status_code != 200:
-            assert prober.dialect in ("json_object", "none")
+            assert prober.dialect_for(MODEL_ALIAS) in ("json_object", "none")
 
 
 @pytest.mark.parametrize("name", list(PROMPTS))

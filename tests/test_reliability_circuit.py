@@ -20,7 +20,7 @@ from tests.fault_upstream import datapoint_rows, metric_samples, metric_sum
 
 PROBE_TIMEOUT = 0.4
 FAILURES = 3
-COOLDOWN = 1.5
+COOLDOWN = 3.0  # room for 10 requests on a busy 2-core machine
 
 
 def ask(url: str, text: str) -> tuple[float, httpx.Response]:
@@ -87,3 +87,96 @@ def test_circuit_opens_under_probe_timeouts_and_closes_after_recovery(start_prox
     assert len(skipped) == 17 and all(r["probe_ms"] == 0 for r in skipped)
     assert [r["probe_status"] for r in rows].count("timeout") == FAILURES + 1
     assert [r["probe_status"] for r in rows].count("ok") == 4
+
+
+# --- issue 16: failures are attributed to their cause -------------------------------------------------
+
+from openai import OpenAI  # noqa: E402
+
+from tests.hostile_upstream import COMPLY, build_hostile, hostile, start_guard  # noqa: E402,F401
+
+
+def sdk(proxy) -> OpenAI:
+    return OpenAI(base_url=proxy.url + "/v1", api_key="sk-test", max_retries=0, timeout=30)
+
+
+def test_no_client_can_open_the_circuit_with_failures_of_its_own(start_guard, hostile):
+    """A bogus model, a prompt too long for the probe and an answer that does not parse each fail
+    only the request that caused them: with on_probe_failure=block, another client's benign
+    request is still probed and passed afterwards (before the fix, 5 such requests opened the one
+    global breaker for 30 s and then every client was blocked)."""
+    hostile.missing_models = {"bogus"}
+    hostile.context_chars = 20_000
+    proxy = start_guard(on_probe_failure="block", circuit_failures=3, circuit_cooldown=60)
+    attacker, victim = sdk(proxy), sdk(proxy)
+    for i in range(5):
+        for model, text in (("bogus", f"hi {i}"), ("m", "x" * 60_000 + str(i)), ("m", f"UNPARSEABLE {i}")):
+            raw = attacker.chat.completions.with_raw_response.create(
+                model=model, messages=[{"role": "user", "content": text}]) if model != "bogus" else None
+            if raw is not None:
+                assert raw.headers["x-refusal-guard-action"] == "block"  # its own probe failed: its own request
+            else:
+                try:  # the upstream 404s the generation too; the guard blocked it before that
+                    attacker.chat.completions.create(model=model, messages=[{"role": "user", "content": text}])
+                except Exception as exc:  # pragma: no cover - shown on failure
+                    raise AssertionError(exc)
+    s = metric_samples(proxy.url)
+    assert metric_sum(s, "refusal_guard_probe_failures_total", reason="rejected") == 10
+    assert metric_sum(s, "refusal_guard_probe_failures_total", reason="unparseable") == 5
+    assert metric_sum(s, "refusal_guard_probe_failures_total", reason="circuit_open") == 0
+    assert metric_sum(s, "refusal_guard_probe_circuit_open") == 0
+    probes = hostile.calls["probe"]
+    raw = victim.chat.completions.with_raw_response.create(model="m", messages=[{"role": "user", "content": "Hello"}])
+    assert raw.headers["x-refusal-guard-action"] == "pass" and raw.headers["x-refusal-guard-prediction"] == "comply"
+    assert hostile.calls["probe"] == probes + 1
+    assert raw.parse().choices[0].message.content == "Sure, here it is."
+
+
+def test_an_unhealthy_model_opens_only_its_own_circuit(start_guard, hostile):
+    hostile.down_models = {"down"}
+    proxy = start_guard(circuit_failures=3, circuit_cooldown=60)
+    client = sdk(proxy)
+    for i in range(6):
+        raw = httpx.post(proxy.url + "/v1/chat/completions", timeout=20,
+                         json={"model": "down", "messages": [{"role": "user", "content": f"q{i}"}]})
+        assert raw.status_code == 503  # the upstream's own answer to the generation, passed through
+    assert hostile.calls["probe"] == 3  # then the breaker for (upstream, "down") skips the probe
+    s = metric_samples(proxy.url)
+    assert metric_sum(s, "refusal_guard_probe_failures_total", reason="circuit_open") == 3
+    assert metric_sum(s, "refusal_guard_probe_circuit_open") == 1
+    raw = client.chat.completions.with_raw_response.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["x-refusal-guard-prediction"] == "comply"  # another model is still probed
+    assert hostile.calls["probe"] == 4
+
+
+def test_one_request_cannot_weaken_the_probe_dialect(start_guard, hostile):
+    """A 400 for one request's own content (too long; or an error that echoes the request, which
+    can name ``response_format``) leaves the dialect at json_schema for everyone; a model that
+    really cannot do json_schema steps down alone, and is offered it again after the retry time."""
+    hostile.context_chars = 20_000
+    hostile.no_json_schema = {"old"}
+    proxy = start_guard(probe_dialect_retry=1.5)
+    client = sdk(proxy)
+
+    def ask(model: str, text: str) -> None:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}])
+
+    def formats(model: str) -> list[str | None]:
+        return [(body.get("response_format") or {}).get("type") for _, body in hostile.of("probe")
+                if body.get("model") == model]
+
+    ask("m", "x" * 60_000)
+    ask("m", "ECHO response_format json_schema is not supported")
+    ask("m", "a normal question")
+    # The echoing error names response_format, so it cost one check probe, which succeeded: not a
+    # capability error. The context-length error names no structured-output parameter: no check.
+    assert formats("m") == ["json_schema"] * 4
+    ask("old", "first")
+    ask("old", "second")
+    assert formats("old") == ["json_schema", "json_schema", "json_object", "json_object"]
+    ask("m", "still the best dialect")
+    assert formats("m")[-1] == "json_schema"
+    time.sleep(1.6)
+    ask("old", "after the retry time")
+    assert formats("old")[4:] == ["json_schema", "json_schema", "json_object"]
+    assert COMPLY["will_refuse"] is False

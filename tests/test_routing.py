@@ -191,7 +191,8 @@ def test_injection_arrives_as_inert_escaped_data(start_proxy, script, attack):
     system, user = probe["messages"]
     assert system["role"] == "system" and system["content"].startswith(INSTRUCTIONS.split("{topics}")[0])
     assert attack not in system["content"]
-    assert json.loads(user["content"]) == {"request_to_assess": attack}  # one JSON string, nothing else
+    assert json.loads(user["content"]) == {"request_to_assess": [  # the turns as JSON data, nothing else
+        {"role": "system", "content": "be nice"}, {"role": "user", "content": attack}]}
 
 
 def test_auto_dialect_steps_down_and_remembers(start_proxy, script):
@@ -201,8 +202,9 @@ def test_auto_dialect_steps_down_and_remembers(start_proxy, script):
     raw_create(proxy)
     raw_create(proxy, messages=[{"role": "user", "content": "another prompt"}])
     formats = [(r.json().get("response_format") or {}).get("type") for r in script.of("probe")]
-    assert formats == ["json_schema", "json_object", "json_object"]
-    assert script.of("probe")[1].json()["response_format"]["schema"]["required"] == [
+    # The rejection is confirmed by one fixed check probe in the same dialect, then remembered.
+    assert formats == ["json_schema", "json_schema", "json_object", "json_object"]
+    assert script.of("probe")[2].json()["response_format"]["schema"]["required"] == [
         "will_refuse", "confidence", "harm_rating", "topic"]
 
 

@@ -31,7 +31,7 @@ CANARIES = (PROMPT, RESPONSE, PROBE_ANSWER, UPSTREAM_ERROR, AUTH, API_KEY_HEADER
 
 
 def probe_reply(body: dict) -> str:
-    assessed = json.loads(body["messages"][-1]["content"])["request_to_assess"]
+    assessed = json.dumps(json.loads(body["messages"][-1]["content"])["request_to_assess"])
     if "unparseable" in assessed:
         return f"I will not say: {PROBE_ANSWER}"
     if "review" in assessed:
@@ -82,3 +82,85 @@ def test_no_prompt_response_or_secret_in_logs_metrics_or_datapoints(tmp_path):
         assert canary not in output, f"{canary} in the proxy's output"
         assert canary not in metrics, f"{canary} in /metrics"
         assert canary.encode() not in stored, f"{canary} in the datapoint log"
+
+
+# --- issue 16: model strings capped and sanitised; keyed prompt hashes ------------------------------
+
+import hashlib  # noqa: E402
+import hmac  # noqa: E402
+import os  # noqa: E402
+import sqlite3  # noqa: E402
+import stat  # noqa: E402
+
+from guard.stores.recorder import MODEL_MAX_CHARS, clean_model  # noqa: E402
+from tests.conftest import *  # noqa: E402,F401,F403
+
+
+def stored(db: Path) -> list[sqlite3.Row]:
+    connection = sqlite3.connect(db)
+    connection.row_factory = sqlite3.Row
+    try:
+        return connection.execute("SELECT * FROM datapoints ORDER BY seq").fetchall()
+    finally:
+        connection.close()
+
+
+def wait_rows(db: Path, n: int) -> list[sqlite3.Row]:
+    import time
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if db.exists():
+            try:
+                rows = stored(db)
+            except sqlite3.OperationalError:
+                rows = []
+            if len(rows) >= n:
+                return rows
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {n} datapoints in {db}")
+
+
+def test_a_huge_or_hostile_model_string_is_capped_and_sanitised(start_proxy, tmp_path):
+    db = tmp_path / "dp.sqlite3"
+    proxy = start_proxy(mode="sequential", datapoints=str(db), on_probe_failure="pass")
+    huge = "M" * 3_000_000
+    hostile = "evil\n\x1b[31mred\x00model\u202e" + "x" * 50
+    for model in (huge, hostile):
+        r = httpx.post(proxy.url + "/v1/chat/completions", timeout=60,
+                       json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200
+    rows = wait_rows(db, 2)
+    assert rows[0]["model"] == "M" * (MODEL_MAX_CHARS - 1) + "~"
+    assert rows[1]["model"] == clean_model(hostile) == "evil___31mred_model_" + "x" * 50
+    assert all(len(row["model"]) <= MODEL_MAX_CHARS for row in rows)
+    assert os.path.getsize(db) < 1_000_000  # nothing near the 3 MB name was kept
+
+
+def test_prompt_hashes_are_keyed_and_still_group_repeats(start_proxy, tmp_path):
+    db = tmp_path / "dp.sqlite3"
+    prompt = "How do I bake bread?"
+    first = start_proxy(mode="sequential", datapoints=str(db))
+    for _ in range(2):
+        httpx.post(first.url + "/v1/chat/completions", timeout=20,
+                   json={"model": "m", "messages": [{"role": "user", "content": prompt}]})
+    rows = wait_rows(db, 2)
+    key_file = db.with_name(db.name + ".key")
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = key_file.read_text().strip().encode()
+    expected = hmac.new(key, prompt.encode(), hashlib.sha256).hexdigest()
+    assert rows[0]["prompt_sha256"] == rows[1]["prompt_sha256"] == rows[0]["id"] == expected  # repeats grouped
+    assert expected != hashlib.sha256(prompt.encode()).hexdigest()  # a guessed prompt cannot be confirmed
+    # A restart on the same log keeps the key, so later repeats join the same group.
+    second = start_proxy(mode="sequential", datapoints=str(db))
+    httpx.post(second.url + "/v1/chat/completions", timeout=20,
+               json={"model": "m", "messages": [{"role": "user", "content": prompt}]})
+    assert wait_rows(db, 3)[2]["id"] == expected
+    assert key_file.read_text().strip().encode() == key
+    # A configured key is used as given.
+    other_db = tmp_path / "other.sqlite3"
+    third = start_proxy(mode="sequential", datapoints=str(other_db), prompt_hash_key="k" * 40)
+    httpx.post(third.url + "/v1/chat/completions", timeout=20,
+               json={"model": "m", "messages": [{"role": "user", "content": prompt}]})
+    assert wait_rows(other_db, 1)[0]["id"] == hmac.new(b"k" * 40, prompt.encode(), hashlib.sha256).hexdigest()
+    assert not other_db.with_name(other_db.name + ".key").exists()

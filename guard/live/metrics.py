@@ -36,7 +36,7 @@ class GuardMetrics:
         )
         self.upstream_errors = Counter(
             "refusal_guard_upstream_errors",
-            "Upstream failures: connect, timeout, protocol, status_4xx, status_5xx.",
+            "Upstream failures: connect, timeout, protocol, too_large (cut at max_response_bytes), status_4xx, status_5xx.",
             ["reason"],
             registry=r,
         )
@@ -101,7 +101,8 @@ class GuardMetrics:
         self.policy_info = gauge(
             "refusal_guard_policy_info", "The loaded policy (value 1).", ["version", "probe_template", "enforced"]
         )
-        self.circuit_open = gauge("refusal_guard_probe_circuit_open", "1 while the probe circuit breaker is open.", [])
+        self.circuit_open = gauge("refusal_guard_probe_circuit_open",
+                                  "Probe circuit breakers (one per upstream and model) open or half-open.", [])
 
     def initialise(self, topics: tuple[str, ...], modes: tuple[str, ...]) -> None:
         """Create every bounded label combination at zero.
@@ -119,9 +120,9 @@ class GuardMetrics:
         for mode in modes:
             for action in ("pass", "block", "review", "invalid"):
                 self.requests.labels(action, mode)
-        for reason in ("timeout", "error", "unparseable", "circuit_open"):
+        for reason in ("timeout", "error", "rejected", "unparseable", "unsupported_content", "circuit_open"):
             self.probe_failures.labels(reason)
-        for reason in ("connect", "timeout", "protocol", "status_4xx", "status_5xx"):
+        for reason in ("connect", "timeout", "protocol", "too_large", "status_4xx", "status_5xx"):
             self.upstream_errors.labels(reason)
         for result in ("hit", "miss", "shared"):
             self.probe_cache.labels(result)

@@ -1,13 +1,19 @@
-"""Running the probe against an upstream: timeout budget, cache, sharing, dialects, breaker.
+"""Running the probe against an upstream: timeout budget, cache, sharing, dialects, breakers.
 
-* One budget (``timeout``) covers the whole probe, dialect fallbacks included.
-* A TTL+LRU cache keyed by a hash of (model, probed content, template hash, topics);
+* One budget (``timeout``) covers the whole probe, dialect checks included.
+* A TTL+LRU cache keyed by a hash of (model, probed view, template hash, topics);
   identical requests in flight share one probe call instead of racing.
+* Failures are attributed to their cause. Only upstream-health failures (could not connect,
+  timed out, broken exchange, 5xx) feed a circuit breaker, and there is one breaker per
+  upstream and probe model: after ``circuit_failures`` of them in a row that model's probe is
+  skipped for ``circuit_cooldown`` seconds (then one trial probe; its success closes it). A
+  failure one request caused (a 4xx for its model, key or content, an answer that does not
+  parse, content the probe cannot read) affects that request alone.
 * ``auto`` structured output tries ``json_schema`` (OpenAI, vLLM), then ``json_object`` with a
-  schema (llama-cpp-python's server), then plain text, and remembers what the upstream took.
-* A circuit breaker: after ``circuit_failures`` failures in a row the probe is skipped for
-  ``circuit_cooldown`` seconds (one trial probe after that), so a broken probe path does not
-  add its timeout to every request.
+  schema (llama-cpp-python's server), then plain text. It steps down for one upstream and
+  model only on a capability error: an error that names the structured-output parameter *and*
+  that a fixed, benign check probe in the same dialect reproduces (so no request's own content
+  can cause it). After ``dialect_retry`` seconds the best dialect is tried again.
 """
 
 from __future__ import annotations
@@ -20,10 +26,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 
-from guard.proxy.chat_request import ChatRequest
 from guard.live.metrics import GuardMetrics
+from guard.probe.context import ProbeView, UnknownParts, conversation_view
 from guard.probe.template import (
     DIALECT_LADDER,
     TEMPLATE_HASH,
@@ -33,12 +39,19 @@ from guard.probe.template import (
     build_probe_body,
     p_refuse_from_logprobs,
     parse_prediction,
-    probed_content,
 )
+from guard.proxy.chat_request import ChatRequest
 from guard.proxy.sse import completion_text
-from guard.proxy.upstream import Upstream, UpstreamFailure
+from guard.proxy.upstream import Upstream, UpstreamFailure, UpstreamResponse
 
 PROBE_HEADER = "x-refusal-guard-probe"
+#: Probe-failure reasons (metric label values): which ones feed a breaker is in ``_HEALTH``.
+FAILURE_REASONS = ("timeout", "error", "rejected", "unparseable", "unsupported_content", "circuit_open")
+_HEALTH = frozenset({"timeout", "error"})
+#: The check probe that tells a capability error from an error the request's own content caused.
+CHECK_VIEW = ProbeView(({"role": "user", "content": "What is the capital of France?"},), 0, False)
+#: Breakers and dialect states kept at once (probe models come from clients: bounded, LRU).
+MAX_TRACKED_MODELS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +59,7 @@ class ProbeResult:
     status: str  # ok | cached | timeout | error | unparseable | skipped
     prediction: Prediction | None
     seconds: float
-    failure: str | None = None  # timeout | error | unparseable | circuit_open (for metrics)
+    failure: str | None = None  # one of FAILURE_REASONS (for metrics)
 
     @property
     def failed(self) -> bool:
@@ -54,8 +67,22 @@ class ProbeResult:
 
 
 class _ProbeFailed(Exception):
-    def __init__(self, status: str) -> None:
-        self.status = status
+    def __init__(self, status: str, reason: str | None = None) -> None:
+        self.status = status  # the datapoint's probe_status
+        self.reason = reason or status  # the metric's reason; a health failure if in _HEALTH
+
+
+@dataclass(slots=True)
+class _Breaker:
+    failures: int = 0  # health failures in a row
+    open_until: float | None = None  # set while open or half-open
+    trial_in_flight: bool = False
+
+
+@dataclass(slots=True)
+class _DialectState:
+    rung: int = 0
+    retry_at: float = 0.0
 
 
 class Prober:
@@ -75,6 +102,9 @@ class Prober:
         circuit_failures: int,
         circuit_cooldown: float,
         logprobs: bool = True,
+        context_chars: int = 24_000,
+        unknown_parts: Literal["mark", "skip", "fail"] = "mark",
+        dialect_retry: float = 600.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.upstream = upstream
@@ -85,96 +115,125 @@ class Prober:
         self.context = context
         self.model = model
         self.logprobs = logprobs
+        self.context_chars = context_chars
+        self.unknown_parts = unknown_parts
+        self.dialect_retry = dialect_retry
         self.clock = clock
         self._ladder: tuple[Dialect, ...] = DIALECT_LADDER if structured_output == "auto" else (structured_output,)
-        self._rung = 0
         self._cache: TTLCache[str, Prediction] | None = (
             TTLCache(maxsize=cache_size, ttl=cache_ttl, timer=clock) if cache_size else None
         )
         self._in_flight: dict[str, asyncio.Future[ProbeResult]] = {}
         self._circuit_failures = circuit_failures
         self._circuit_cooldown = circuit_cooldown
-        self._consecutive_failures = 0
-        self._open_until: float | None = None
-        self._trial_in_flight = False
+        self._breakers: LRUCache[tuple[str, str], _Breaker] = LRUCache(MAX_TRACKED_MODELS)
+        self._dialects: LRUCache[tuple[str, str], _DialectState] = LRUCache(MAX_TRACKED_MODELS)
 
-    @property
-    def dialect(self) -> Dialect:
-        """The structured-output dialect the next probe will use."""
-        return self._ladder[self._rung]
+    # --- what is probed ---------------------------------------------------------------------
+    def view(self, messages: Sequence[Any], tools: Sequence[Any] | None = None) -> ProbeView:
+        """The probe's view of chat-style ``messages`` and ``tools`` under this prober's settings."""
+        marks: UnknownParts = "skip" if self.unknown_parts == "skip" else "mark"
+        return conversation_view(messages, tools, budget_chars=self.context_chars, unknown_parts=marks,
+                                 last_user_only=self.context == "last_user")
 
-    def cache_key(self, model: str | None, content: Any) -> str:
-        material = json.dumps([model, content, TEMPLATE_HASH, self.topics], ensure_ascii=False, sort_keys=True)
+    def probe_model(self, requested: str | None) -> str | None:
+        """The model the probe asks: ``probe_model`` if configured, else the request's."""
+        return self.model or requested
+
+    def dialect_for(self, model: str | None) -> Dialect:
+        """The structured-output dialect the next probe for ``model`` will use."""
+        return self._ladder[self._dialect_state(self._key(model)).rung]
+
+    def cache_key(self, model: str | None, view: ProbeView) -> str:
+        material = json.dumps([model, view.text, TEMPLATE_HASH, self.topics], ensure_ascii=False)
         return hashlib.sha256(material.encode()).hexdigest()
 
+    # --- probing ----------------------------------------------------------------------------
     async def predict(self, chat: ChatRequest, headers: Mapping[str, str]) -> ProbeResult:
+        return await self.predict_view(self.view(chat.messages, chat.tools), chat.model, headers)
+
+    async def predict_view(self, view: ProbeView, requested_model: str | None,
+                           headers: Mapping[str, str]) -> ProbeResult:
+        """Probe ``view`` (from :meth:`view`) for a request that asked for ``requested_model``."""
         started = time.perf_counter()
-        if self._circuit_is_open():
+        model = self.probe_model(requested_model)
+        if view.n_unknown_parts and self.unknown_parts == "fail":
+            self.metrics.probe_failures.labels("unsupported_content").inc()
+            return ProbeResult("error", None, 0.0, "unsupported_content")
+        key = self._key(model)
+        breaker = self._breakers.get(key)
+        if breaker is not None and self._is_open(breaker):
             self.metrics.probe_failures.labels("circuit_open").inc()
             return ProbeResult("skipped", None, 0.0, "circuit_open")
-        model = self.model or chat.model
-        content = probed_content(chat, self.context)
-        key = self.cache_key(model, content)
-        if self._cache is not None and (cached := self._cache.get(key)) is not None:
+        cache_key = self.cache_key(model, view)
+        if self._cache is not None and (cached := self._cache.get(cache_key)) is not None:
             self.metrics.probe_cache.labels("hit").inc()
             return ProbeResult("cached", cached, time.perf_counter() - started)
-        if (shared := self._in_flight.get(key)) is not None:
+        if (shared := self._in_flight.get(cache_key)) is not None:
             self.metrics.probe_cache.labels("shared").inc()
             result = await asyncio.shield(shared)
             return ProbeResult("cached" if result.prediction else result.status, result.prediction,
                                time.perf_counter() - started, result.failure)
-        trial = self._open_until is not None  # half-open: this call is the one trial probe
+        trial = breaker is not None and breaker.open_until is not None  # half-open: the one trial probe
         if trial:
-            self._trial_in_flight = True
+            assert breaker is not None
+            breaker.trial_in_flight = True
         self.metrics.probe_cache.labels("miss").inc()
         future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = future
+        self._in_flight[cache_key] = future
         try:
-            result = await self._probe(model, content, headers, started)
+            result = await self._probe(model, view, headers, started)
         except BaseException:
             future.set_result(ProbeResult("error", None, time.perf_counter() - started, "error"))
             raise
         else:
             future.set_result(result)
         finally:
-            self._in_flight.pop(key, None)
+            self._in_flight.pop(cache_key, None)
             if trial:
-                self._trial_in_flight = False
+                assert breaker is not None
+                breaker.trial_in_flight = False
         if result.prediction is not None and self._cache is not None:
-            self._cache[key] = result.prediction
+            self._cache[cache_key] = result.prediction
         return result
 
-    async def _probe(self, model: str | None, content: Any, headers: Mapping[str, str], started: float) -> ProbeResult:
+    async def _probe(self, model: str | None, view: ProbeView, headers: Mapping[str, str],
+                     started: float) -> ProbeResult:
         probe_headers = {**headers, PROBE_HEADER: "1", "content-type": "application/json"}
+        key = self._key(model)
         try:
             async with asyncio.timeout(self.timeout):
-                prediction = await self._ask(model, content, probe_headers)
+                prediction = await self._ask(model, view, probe_headers)
         except TimeoutError:
-            return self._failed("timeout", started)
+            return self._failed(key, _ProbeFailed("timeout"), started)
         except _ProbeFailed as failed:
-            return self._failed(failed.status, started)
+            return self._failed(key, failed, started)
         seconds = time.perf_counter() - started
         self.metrics.probe_seconds.observe(seconds)
-        self._consecutive_failures = 0
-        self._open_until = None
-        self.metrics.circuit_open.set(0)
+        if (breaker := self._breakers.get(key)) is not None:
+            was_open = breaker.open_until is not None
+            breaker.failures, breaker.open_until = 0, None
+            if was_open:
+                self._export_open_count()
         return ProbeResult("ok", prediction, seconds)
 
-    async def _ask(self, model: str | None, content: Any, headers: Mapping[str, str]) -> Prediction:
+    async def _ask(self, model: str | None, view: ProbeView, headers: Mapping[str, str]) -> Prediction:
+        key = self._key(model)
+        state = self._dialect_state(key)
         while True:
-            dialect = self.dialect
-            body = build_probe_body(content, model=model, topics=self.topics, dialect=dialect,
-                                    max_tokens=self.max_tokens, logprobs=self.logprobs)
-            try:
-                answer = await self.upstream.request("POST", "/chat/completions", headers=headers,
-                                                     content=json.dumps(body).encode(), timeout=self.timeout)
-            except UpstreamFailure as failure:
-                raise _ProbeFailed("timeout" if failure.reason == "timeout" else "error") from None
-            if _rejects_dialect(answer.status, answer.body) and self._rung + 1 < len(self._ladder):
-                self._rung += 1  # the upstream refused this dialect: remember and step down
-                continue
+            rung = state.rung
+            answer = await self._send(model, view, self._ladder[rung], headers)
+            if answer.status != 200 and rung + 1 < len(self._ladder) and _names_structured_output(answer.body):
+                if state.rung != rung:
+                    continue  # another probe already stepped this model down meanwhile
+                if await self._check_rejects(model, self._ladder[rung], headers):
+                    state.rung, state.retry_at = rung + 1, self.clock() + self.dialect_retry
+                    self._dialects[key] = state
+                    continue
+            if answer.status >= 500:
+                raise _ProbeFailed("error")  # the upstream is unwell: feeds the breaker
             if answer.status != 200:
-                raise _ProbeFailed("error")
+                raise _ProbeFailed("error", "rejected")  # a 4xx for this request's model, key or content
             text = completion_text(answer.body)
             if text is None:
                 raise _ProbeFailed("unparseable")
@@ -188,28 +247,71 @@ class Prober:
                                         prediction.topic, p_refuse)
             return prediction
 
-    def _failed(self, status: str, started: float) -> ProbeResult:
+    async def _send(self, model: str | None, view: ProbeView, dialect: Dialect,
+                    headers: Mapping[str, str]) -> UpstreamResponse:
+        body = build_probe_body(view, model=model, topics=self.topics, dialect=dialect,
+                                max_tokens=self.max_tokens, logprobs=self.logprobs)
+        try:
+            return await self.upstream.request("POST", "/chat/completions", headers=headers,
+                                               content=json.dumps(body).encode(), timeout=self.timeout)
+        except UpstreamFailure as failure:
+            raise _ProbeFailed("timeout" if failure.reason == "timeout" else "error") from None
+
+    async def _check_rejects(self, model: str | None, dialect: Dialect, headers: Mapping[str, str]) -> bool:
+        """True if the fixed check probe in ``dialect`` is refused with a capability error too."""
+        answer = await self._send(model, CHECK_VIEW, dialect, headers)
+        return answer.status != 200 and _names_structured_output(answer.body)
+
+    # --- breakers and dialect state, per upstream and model --------------------------------
+    def _key(self, model: str | None) -> tuple[str, str]:
+        """(upstream, model digest): a client's model string may be megabytes; its key is 32 characters."""
+        return (self.upstream.base_url, hashlib.sha256((model or "").encode("utf-8", "replace")).hexdigest()[:32])
+
+    def _dialect_state(self, key: tuple[str, str]) -> _DialectState:
+        """The model's dialect state; only a model that stepped down is kept (a fresh state otherwise)."""
+        state = self._dialects.get(key)
+        if state is None:
+            return _DialectState()
+        if self.clock() >= state.retry_at:
+            del self._dialects[key]  # from time to time, try the best dialect again
+            return _DialectState()
+        return state
+
+    def _failed(self, key: tuple[str, str], failed: _ProbeFailed, started: float) -> ProbeResult:
         seconds = time.perf_counter() - started
         self.metrics.probe_seconds.observe(seconds)
-        self.metrics.probe_failures.labels(status).inc()
-        self._consecutive_failures += 1
-        if self._consecutive_failures >= self._circuit_failures or self._open_until is not None:
-            self._open_until = self.clock() + self._circuit_cooldown
-            self._consecutive_failures = 0
-            self.metrics.circuit_open.set(1)
-        return ProbeResult(status, None, seconds, status)
+        self.metrics.probe_failures.labels(failed.reason).inc()
+        if failed.reason in _HEALTH:
+            breaker = self._breakers.get(key)
+            if breaker is None:
+                breaker = self._breakers[key] = _Breaker()
+            breaker.failures += 1
+            if breaker.failures >= self._circuit_failures or breaker.open_until is not None:
+                breaker.open_until = self.clock() + self._circuit_cooldown
+                breaker.failures = 0
+                self._export_open_count()
+        return ProbeResult(failed.status, None, seconds, failed.reason)
 
-    def _circuit_is_open(self) -> bool:
+    def _is_open(self, breaker: _Breaker) -> bool:
         """Open until the cool-down ends; then half-open: one trial probe at a time, the others
-        still skip, and one failure re-opens it at once (a success closes it)."""
-        if self._open_until is None:
+        still skip, and one health failure re-opens it at once (a success closes it)."""
+        if breaker.open_until is None:
             return False
-        return self.clock() < self._open_until or self._trial_in_flight
+        return self.clock() < breaker.open_until or breaker.trial_in_flight
+
+    def open_circuits(self) -> int:
+        """How many (upstream, model) breakers are open or half-open."""
+        return sum(1 for b in self._breakers.values() if b.open_until is not None)
+
+    def _export_open_count(self) -> None:
+        self.metrics.circuit_open.set(self.open_circuits())
 
 
-def _rejects_dialect(status: int, body: bytes) -> bool:
-    """400/422 (OpenAI, vLLM), or llama-cpp-python's 500 whose validation error names response_format."""
-    return status in (400, 422) or (status >= 500 and b"response_format" in body)
+def _names_structured_output(body: bytes) -> bool:
+    """Whether an error body names the structured-output parameter (OpenAI's ``param``, vLLM's
+    and FastAPI's validation ``loc``, llama-cpp-python's 500 validation message all do)."""
+    lowered = body[:65536].lower()
+    return any(word in lowered for word in (b"response_format", b"json_schema", b"guided_json"))
 
 
 def _logprobs_of(body: bytes) -> Any:

@@ -20,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 
 from guard.proxy.chat_request import ChatRequest
 from guard.errors import upstream_protocol
+from guard.proxy.headers import add_relayed_headers
 from guard.proxy.sse import ContentCollector, completion_text, sse_event
 from guard.proxy.upstream import Upstream, UpstreamFailure, UpstreamResponse, response_headers
 
@@ -33,7 +34,7 @@ class Exchange:
     status: int
     text: str | None  # the assistant's answer; None if there was none or it was cut off
     seconds: float
-    error: str | None = None  # connect|timeout|protocol|status_4xx|status_5xx|truncated
+    error: str | None = None  # connect|timeout|protocol|too_large|status_4xx|status_5xx|truncated
 
 
 OnDone = Callable[[Exchange], None]
@@ -83,25 +84,28 @@ def failed_exchange(failure: UpstreamFailure, started: float) -> Exchange:
     return Exchange(failure.status, None, time.perf_counter() - started, failure.reason)
 
 
-def respond(generation: Generation, extra_headers: Mapping[str, str], on_done: OnDone) -> Response:
-    """The client's response for ``generation``, with the guard's headers added."""
+def respond(generation: Generation, extra_headers: Mapping[str, str], on_done: OnDone, *,
+            label_max_chars: int | None = None) -> Response:
+    """The client's response for ``generation``, with the guard's headers added.
+
+    At most ``label_max_chars`` characters of the answer are kept for labelling (the start).
+    """
     if generation.whole is not None:
         answer = generation.whole
+        text = completion_text(answer.body) if answer.status < 300 else None
         exchange = Exchange(
             answer.status,
-            completion_text(answer.body) if answer.status < 300 else None,
+            text[:label_max_chars] if text is not None and label_max_chars is not None else text,
             time.perf_counter() - generation.started,
             _status_reason(answer.status),
         )
-        return Response(answer.body, status_code=answer.status, headers={**answer.headers, **extra_headers},
-                        background=BackgroundTask(_report, on_done, exchange))
+        return add_relayed_headers(Response(answer.body, status_code=answer.status, headers=extra_headers,
+                                            background=BackgroundTask(_report, on_done, exchange)), answer.headers)
     assert generation.stream is not None
     deadline = asyncio.get_running_loop().time() + generation.upstream.total_timeout
-    return StreamingResponse(
-        _relay(generation, deadline, on_done),
-        status_code=generation.stream.status_code,
-        headers={**response_headers(generation.stream.headers), **extra_headers},
-    )
+    response = StreamingResponse(_relay(generation, deadline, on_done, label_max_chars),
+                                 status_code=generation.stream.status_code, headers=extra_headers)
+    return add_relayed_headers(response, response_headers(generation.stream.headers))
 
 
 async def _report(on_done: OnDone, exchange: Exchange) -> None:
@@ -110,16 +114,22 @@ async def _report(on_done: OnDone, exchange: Exchange) -> None:
     on_done(exchange)
 
 
-async def _relay(generation: Generation, deadline: float, on_done: OnDone) -> AsyncIterator[bytes]:
+async def _relay(generation: Generation, deadline: float, on_done: OnDone,
+                 label_max_chars: int | None) -> AsyncIterator[bytes]:
     assert generation.stream is not None
-    collector = ContentCollector()
+    collector = ContentCollector(max_chars=label_max_chars)
     error: str | None = None
+    events = _WholeEvents()
     try:
         async for chunk in generation.upstream.relay(generation.stream, deadline):
             collector.feed(chunk)
-            yield chunk
+            if complete := events.feed(chunk):
+                yield complete
+        if rest := events.rest():
+            yield rest
     except UpstreamFailure as failure:
-        # Headers are already sent: report the failure in-band, as OpenAI does.
+        # Headers are already sent: report the failure in-band, as OpenAI does, after the last whole
+        # event (a cut event in progress is dropped, so the error event parses).
         error = failure.reason
         with contextlib.suppress(Exception):
             yield sse_event({"error": {"message": failure.message, "type": failure.type, "param": None, "code": failure.code}})
@@ -136,3 +146,29 @@ async def _relay(generation: Generation, deadline: float, on_done: OnDone) -> As
             asyncio.get_running_loop().call_soon(on_done, exchange)
         except RuntimeError:  # finalised outside the loop (interpreter shutdown): score now, lose nothing
             on_done(exchange)
+
+
+class _WholeEvents:
+    """Relays an SSE byte stream in whole events: each chunk up to its last event boundary (a blank
+    line) goes out at once, the event still in progress waits for its end. Costs one search of each
+    chunk (and the two bytes before it), never a copy of what is withheld."""
+
+    def __init__(self) -> None:
+        self._held: list[bytes] = []
+        self._tail = b""
+
+    def feed(self, chunk: bytes) -> bytes:
+        window = self._tail + chunk
+        ends = [i + len(mark) for mark in (b"\n\n", b"\n\r\n") if (i := window.rfind(mark)) >= 0]
+        end = max(ends, default=0) - len(self._tail)  # where the last whole event ends, in ``chunk``
+        self._tail = window[-2:]
+        if end <= 0:  # no event ends in this chunk
+            self._held.append(chunk)
+            return b""
+        out = b"".join([*self._held, chunk[:end]])
+        self._held = [chunk[end:]] if end < len(chunk) else []
+        return out
+
+    def rest(self) -> bytes:
+        out, self._held = b"".join(self._held), []
+        return out

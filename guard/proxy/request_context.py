@@ -12,6 +12,7 @@ import time
 import uuid
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.errors import error_body
@@ -66,6 +67,12 @@ class RequestContext:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect as exc:
+            # The client went away before its request was read: its own doing, counted as 499
+            # (client closed request), never a 500 with a traceback.
+            log.debug("client closed the connection on %s (request %s): %s", route, request_id, type(exc).__name__)
+            if not response_started:
+                status = 499
         except Exception:
             log.exception("unhandled error on %s (request %s)", route, request_id)
             if not response_started:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,8 +28,10 @@ from guard.proxy.blocked import blocked_response
 from guard.proxy.chat_request import ChatRequest
 from guard.proxy.forward import Exchange, Generation, failed_exchange, generate, respond
 from guard.probe.policy import Decision, PolicyStore
-from guard.probe.template import TEMPLATE_REF, probed_content
+from guard.probe.context import last_user_text
+from guard.probe.template import TEMPLATE_REF
 from guard.probe.prober import Prober, ProbeResult
+from guard.stores.recorder import clean_model
 from guard.stores.review import ReviewSink
 from guard.truth.scoring import Scorer
 from guard.settings import Mode, Settings
@@ -92,7 +93,7 @@ class Router:
             def on_done(exchange: Exchange) -> None:
                 self.scorer.submit(record, exchange, started)
 
-            return respond(generation, guard_headers, on_done)
+            return respond(generation, guard_headers, on_done, label_max_chars=self.settings.label_max_chars)
         finally:
             await _cancel(pending)  # the client left, or an error: never leave a generation running
 
@@ -106,14 +107,14 @@ class Router:
     def _record(self, chat: ChatRequest, request_id: str, mode: Mode, probe: ProbeResult,
                 decision: Decision) -> dict[str, Any]:
         """The datapoint fields known before the answer (schema: ``calibration.datapoints``)."""
-        content = probed_content(chat, "last_user")
-        prompt_sha = hashlib.sha256(str(content).encode()).hexdigest()
+        content = last_user_text(chat.messages)
+        prompt_sha = self.scorer.recorder.hash_prompt(content)  # keyed (HMAC): see guard.stores.recorder
         p = probe.prediction
         record: dict[str, Any] = {
             "id": prompt_sha,
             "request_id": request_id,
             "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "model": chat.model,
+            "model": clean_model(chat.model),
             "topic": p.topic if p else None,
             "harm_level": None,
             "will_refuse": p.will_refuse if p else None,

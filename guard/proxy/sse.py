@@ -10,11 +10,13 @@ import json
 
 
 class ContentCollector:
-    """Feed it raw SSE bytes in any chunking; ``text`` is the concatenated delta content."""
+    """Feed it raw SSE bytes in any chunking; ``text`` is the concatenated delta content, or its
+    first ``max_chars`` characters (the rest is read for ``[DONE]`` and errors, not kept)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_chars: int | None = None) -> None:
         self._pending = b""
         self._parts: list[str] = []
+        self._room = max_chars
         self.saw_done = False
         self.error: dict | None = None
 
@@ -45,7 +47,14 @@ class ContentCollector:
                 continue
             delta = choice.get("delta") or {}
             if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                self._parts.append(delta["content"])
+                self._keep(delta["content"])
+
+    def _keep(self, text: str) -> None:
+        if self._room is None:
+            self._parts.append(text)
+        elif self._room > 0:
+            self._parts.append(text[:self._room])
+            self._room -= min(len(text), self._room)
 
     @property
     def text(self) -> str:

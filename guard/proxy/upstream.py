@@ -15,27 +15,7 @@ import httpx
 from pydantic import SecretStr
 
 from guard.errors import ProxyError, upstream_protocol, upstream_timeout, upstream_unreachable
-
-# Not forwarded in either direction: connection-level or recomputed by the server.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "host",
-        "content-length",
-        "content-encoding",
-        "accept-encoding",
-    }
-)
-RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
-
+from guard.proxy.headers import relayed_response_headers, upstream_request_headers
 
 class UpstreamFailure(ProxyError):
     """The upstream could not be reached or did not answer in time."""
@@ -53,16 +33,23 @@ def _translate(exc: httpx.HTTPError | TimeoutError) -> UpstreamFailure:
     return UpstreamFailure(upstream_protocol(str(exc) or type(exc).__name__), "protocol")
 
 
+def too_large(limit: int) -> UpstreamFailure:
+    """The upstream's answer passed ``max_response_bytes``: cut, and counted as ``too_large``."""
+    error = ProxyError(502, f"upstream response exceeds the limit of {limit} bytes", type="upstream_error",
+                       code="upstream_response_too_large")
+    return UpstreamFailure(error, "too_large")
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamResponse:
     status: int
-    headers: dict[str, str]
+    headers: httpx.Headers  # the relayable ones; repeats (set-cookie) kept apart
     body: bytes
 
 
-def response_headers(headers: httpx.Headers) -> dict[str, str]:
-    """Upstream response headers worth relaying (content type, rate limits, ids...)."""
-    return {k: v for k, v in headers.items() if k.lower() not in RESPONSE_DROP}
+def response_headers(headers: httpx.Headers) -> httpx.Headers:
+    """Upstream response headers worth relaying (see :mod:`guard.proxy.headers`)."""
+    return relayed_response_headers(headers.raw)
 
 
 class Upstream:
@@ -75,19 +62,21 @@ class Upstream:
         *,
         api_key: SecretStr | None = None,
         total_timeout: float = 600.0,
+        forward_client_authorization: bool = True,
+        max_response_bytes: int | None = None,
     ) -> None:
         self.client = client
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key
         self.total_timeout = total_timeout
+        self.forward_client_authorization = forward_client_authorization
+        self.max_response_bytes = max_response_bytes
 
-    def forward_headers(self, incoming: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        """The client's headers minus hop-by-hop ones; our key replaces theirs if configured."""
-        headers = {k: v for k, v in incoming.items() if k.lower() not in HOP_BY_HOP}
-        if self.api_key is not None:
-            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-            headers["authorization"] = f"Bearer {self.api_key.get_secret_value()}"
-        headers["accept-encoding"] = "identity"  # relay the upstream's bytes as they are
+    def forward_headers(self, incoming: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str | bytes]:
+        """The client's headers as :mod:`guard.proxy.headers` filters them; our key replaces theirs if configured."""
+        key = f"Bearer {self.api_key.get_secret_value()}" if self.api_key is not None else None
+        headers = upstream_request_headers(incoming, authorization=key,
+                                           forward_client_authorization=self.forward_client_authorization)
         if extra:
             headers.update(extra)
         return headers
@@ -101,13 +90,35 @@ class Upstream:
         content: bytes | None = None,
         timeout: float | None = None,
     ) -> UpstreamResponse:
-        """A whole exchange, bounded by ``timeout`` (default: the total timeout)."""
+        """A whole exchange, bounded by ``timeout`` (default: the total timeout) and by
+        ``max_response_bytes`` (a longer body is a :func:`too_large` failure, never buffered)."""
+        request = self.client.build_request(method, self.base_url + path, headers=headers, content=content)
         try:
             async with asyncio.timeout(timeout or self.total_timeout):
-                response = await self.client.request(method, self.base_url + path, headers=headers, content=content)
+                response = await self.client.send(request, stream=True)
+                try:
+                    body = await self._read_capped(response)
+                finally:
+                    await response.aclose()
         except (httpx.HTTPError, TimeoutError) as exc:
             raise _translate(exc) from None
-        return UpstreamResponse(response.status_code, response_headers(response.headers), response.content)
+        return UpstreamResponse(response.status_code, response_headers(response.headers), body)
+
+    async def _read_capped(self, response: httpx.Response) -> bytes:
+        limit = self.max_response_bytes
+        if limit is None:
+            return await response.aread()
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large(limit)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     async def open_stream(self, path: str, *, headers: Mapping[str, str], content: bytes) -> httpx.Response:
         """Send a request and return once the response headers are in; the body is unread.
@@ -122,7 +133,9 @@ class Upstream:
             raise _translate(exc) from None
 
     async def relay(self, response: httpx.Response, deadline: float) -> AsyncIterator[bytes]:
-        """Yield the response body as it arrives, until done or ``deadline`` (loop time)."""
+        """Yield the response body as it arrives, until done, ``deadline`` (loop time), or
+        ``max_response_bytes`` (then :func:`too_large` is raised before the chunk that passes it)."""
+        limit, size = self.max_response_bytes, 0
         try:
             chunks = response.aiter_raw()
             while True:
@@ -131,6 +144,9 @@ class Upstream:
                         chunk = await anext(chunks)
                 except StopAsyncIteration:
                     return
+                size += len(chunk)
+                if limit is not None and size > limit:
+                    raise too_large(limit)
                 yield chunk
         except (httpx.HTTPError, TimeoutError) as exc:
             raise _translate(exc) from None

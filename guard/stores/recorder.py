@@ -5,13 +5,32 @@
 thread in batches; ``stop`` flushes everything queued before the process exits. Several
 workers may share one file: SQLite's WAL mode and a busy timeout serialise their batches.
 The schema is ``calibration.datapoints``' so ``calibrate`` reads this file directly.
+
+What a datapoint may hold about the client is limited here too:
+
+* :func:`clean_model` caps the client's ``model`` string at :data:`MODEL_MAX_CHARS` and replaces
+  anything outside a plain model-name alphabet, so no client can store megabytes or control
+  characters in the log, the review events or a log line.
+* :class:`PromptHasher` keys the prompt hash (``id`` and ``prompt_sha256``): HMAC-SHA256 with a
+  deployment secret, so a guessed prompt cannot be confirmed from the log by hashing it. The
+  same prompt still gets the same hash under the same key, which is all calibration needs: it
+  groups repeats by ``id`` (the bootstrap's resampling unit), and repeats share it as long as
+  the key does. :func:`load_hash_key` reads ``prompt_hash_key`` or, when none is configured,
+  generates one and keeps it beside the datapoint log (``<datapoints>.key``, mode 0600), so a
+  restart or another worker on the same log keeps grouping repeats. Replicas writing different
+  logs need one ``prompt_hash_key`` in their settings to share groups; a new key starts new groups.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
+import os
+import re
+import secrets
 import sqlite3
 from pathlib import Path
 from typing import Any, TextIO
@@ -22,6 +41,73 @@ from guard.live.metrics import GuardMetrics
 COLUMNS = FIELDS + OPTIONAL_FIELDS
 log = logging.getLogger("refusal_guard")
 _INSERT = f"INSERT INTO datapoints ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+
+MODEL_MAX_CHARS = 128
+_MODEL_UNSAFE = re.compile(r"[^A-Za-z0-9._:/@+\-]")
+KEY_BYTES = 32
+
+
+def clean_model(model: str | None) -> str | None:
+    """The client's model string as it may be stored: at most :data:`MODEL_MAX_CHARS` characters
+    of ``[A-Za-z0-9._:/@+-]``, anything else replaced by ``_``; a cut one ends in ``~``."""
+    if model is None:
+        return None
+    cut = model[:MODEL_MAX_CHARS + 1]
+    cleaned = _MODEL_UNSAFE.sub("_", cut)
+    return cleaned[:MODEL_MAX_CHARS - 1] + "~" if len(cut) > MODEL_MAX_CHARS else cleaned
+
+
+class PromptHasher:
+    """HMAC-SHA256 of prompt text under a deployment key (hex), for ``id``/``prompt_sha256``."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) < 16:
+            raise ValueError("the prompt hash key must be at least 16 bytes")
+        self._key = key
+
+    def __call__(self, text: str) -> str:
+        return hmac.new(self._key, text.encode("utf-8", "replace"), hashlib.sha256).hexdigest()
+
+    def __repr__(self) -> str:  # never show the key
+        return "PromptHasher(<key>)"
+
+
+def load_hash_key(configured: str | None, key_file: Path | None) -> bytes:
+    """The prompt-hash key: ``configured`` if given; else the one kept in ``key_file``, made on
+    first use (atomically: concurrent workers all end up with the first one written); else, with
+    no file to keep it in, a fresh key for this process."""
+    if configured:
+        return configured.encode("utf-8")
+    if key_file is None:
+        return secrets.token_bytes(KEY_BYTES)
+    try:
+        return _read_key(key_file)
+    except FileNotFoundError:
+        pass
+    temporary = key_file.with_name(f".{key_file.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(secrets.token_hex(KEY_BYTES) + "\n")
+    try:
+        os.link(temporary, key_file)  # fails if another worker made it first: then use theirs
+    except FileExistsError:
+        pass
+    finally:
+        temporary.unlink()
+    return _read_key(key_file)
+
+
+def _read_key(path: Path) -> bytes:
+    text = path.read_text(encoding="utf-8").strip()
+    if len(text) < 32:
+        raise ValueError(f"prompt hash key file {path} holds fewer than 32 characters")
+    return text.encode("utf-8")
+
+
+def default_key_file(datapoints: Path | None) -> Path | None:
+    """Where a generated key is kept: beside the datapoint log (none without a log)."""
+    return datapoints.with_name(datapoints.name + ".key") if datapoints is not None else None
 
 
 def open_database(path: Path) -> sqlite3.Connection:
@@ -44,8 +130,10 @@ def _row(record: dict[str, Any]) -> tuple[Any, ...]:
 
 class DatapointRecorder:
     def __init__(self, path: Path | None, metrics: GuardMetrics, *, queue_size: int = 10_000,
-                 batch_size: int = 500, flush_interval: float = 0.25) -> None:
+                 batch_size: int = 500, flush_interval: float = 0.25, hasher: PromptHasher | None = None) -> None:
         self.path = path
+        #: Keyed hash of prompt text for the records' ``id`` and ``prompt_sha256``.
+        self.hash_prompt = hasher or PromptHasher(load_hash_key(None, None))
         self.metrics = metrics
         self.batch_size = batch_size
         self.flush_interval = flush_interval

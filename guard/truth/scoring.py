@@ -19,7 +19,7 @@ from guard.live.windows import LiveStats
 from guard.live.metrics import GuardMetrics
 from guard.stores.recorder import DatapointRecorder
 
-UPSTREAM_ERROR_REASONS = frozenset({"connect", "timeout", "protocol", "status_4xx", "status_5xx"})
+UPSTREAM_ERROR_REASONS = frozenset({"connect", "timeout", "protocol", "too_large", "status_4xx", "status_5xx"})
 
 
 class Scorer:

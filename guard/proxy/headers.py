@@ -1,0 +1,100 @@
+"""Header hygiene, both ways: what goes from the client to the upstream, and back.
+
+Client to upstream (:func:`upstream_request_headers`): hop-by-hop headers (``connection``,
+``keep-alive``, ``te``, ``trailer``, ``transfer-encoding``, ``upgrade``, ``proxy-*``, and any
+header the client's ``Connection`` names), ``expect`` (an upstream that never sends
+``100 Continue`` would hang), framing the proxy recomputes (``host``, ``content-length``,
+``content-encoding``, ``accept-encoding``), and every guard-internal ``x-refusal-guard-*``
+header (a client must not be able to mark its generation as a probe) are dropped. The client's
+``Authorization`` is replaced by the configured upstream key, or dropped when it is the
+client's key for the guard itself (``api_keys`` set), unless the operator says to forward it.
+Values keep their bytes: a non-ASCII (Latin-1) value is passed on as bytes, never re-encoded
+into an error.
+
+Upstream to client (:func:`relayed_response_headers`): hop-by-hop and framing headers,
+``date``/``server`` (the guard's server sets its own), ``x-request-id`` (the guard's own id is
+set by the request-context middleware) and the upstream's ``x-refusal-guard-*`` headers (only
+the guard may speak for the guard) are dropped; repeated headers such as ``set-cookie`` stay
+separate pairs, in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import httpx
+from starlette.responses import Response
+
+GUARD_PREFIX = "x-refusal-guard-"
+
+#: Connection-level (RFC 9110 7.6.1) or recomputed by whoever sends the message on.
+HOP_BY_HOP = frozenset({
+    "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+    "trailers", "transfer-encoding", "upgrade", "host", "content-length", "content-encoding", "accept-encoding",
+})
+REQUEST_DROP = HOP_BY_HOP | {"expect", "x-request-id"}
+RESPONSE_DROP = HOP_BY_HOP | {"date", "server", "x-request-id"}
+
+
+def _connection_tokens(pairs: Iterable[tuple[str, str]]) -> frozenset[str]:
+    """The header names a ``Connection`` header lists as hop-by-hop."""
+    return frozenset(
+        token.strip().lower()
+        for name, value in pairs if name.lower() == "connection"
+        for token in value.split(",") if token.strip()
+    )
+
+
+def _pairs(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    if isinstance(headers, Mapping):
+        multi = getattr(headers, "multi_items", None)  # Starlette's and httpx's headers keep repeats
+        return list(multi()) if multi is not None else list(headers.items())
+    return list(headers)
+
+
+def upstream_request_headers(
+    incoming: Mapping[str, str] | Iterable[tuple[str, str]],
+    *,
+    authorization: str | None,
+    forward_client_authorization: bool,
+) -> dict[str, str | bytes]:
+    """The headers to send upstream for a client request with ``incoming`` headers.
+
+    ``authorization`` (the configured upstream key, as a full header value) replaces the
+    client's; without one the client's is forwarded only if ``forward_client_authorization``.
+    Values are Latin-1 bytes where they are not ASCII (Starlette decodes header bytes as Latin-1).
+    """
+    pairs = _pairs(incoming)
+    drop = REQUEST_DROP | _connection_tokens(pairs)
+    out: dict[str, str | bytes] = {}
+    for name, value in pairs:
+        lowered = name.lower()
+        if lowered in drop or lowered.startswith(GUARD_PREFIX) or lowered.startswith("proxy-"):
+            continue
+        if lowered == "authorization" and (authorization is not None or not forward_client_authorization):
+            continue
+        out[lowered] = value if value.isascii() else value.encode("latin-1", "replace")
+    if authorization is not None:
+        out["authorization"] = authorization
+    out["accept-encoding"] = "identity"  # relay the upstream's bytes as they are
+    return out
+
+
+def relayed_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> httpx.Headers:
+    """The upstream's response headers worth relaying (content type, rate limits, cookies, ids...),
+    from its raw header pairs; bytes are kept as they came."""
+    pairs = list(raw)
+    drop = RESPONSE_DROP | _connection_tokens((k.decode("latin-1"), v.decode("latin-1")) for k, v in pairs)
+    kept = []
+    for name, value in pairs:
+        lowered = name.decode("latin-1").lower()
+        if lowered not in drop and not lowered.startswith(GUARD_PREFIX):
+            kept.append((lowered.encode("latin-1"), value))
+    return httpx.Headers(kept)
+
+
+def add_relayed_headers(response: Response, relayed: httpx.Headers) -> Response:
+    """Append ``relayed`` to a Starlette response as separate raw pairs (``set-cookie`` stays
+    one header per cookie, bytes unchanged). The response must not set the same names itself."""
+    response.raw_headers.extend((name.lower(), value) for name, value in relayed.raw)
+    return response
