@@ -129,7 +129,7 @@ def test_detector_labels_any_text_quickly(text):
 
 policy_documents = st.one_of(
     json_values,
-    st.fixed_dictionaries({"schema_version": st.just(1)}, optional={
+    st.fixed_dictionaries({"schema_version": st.sampled_from([1, 2])}, optional={
         "created_at": st.text(max_size=30) | st.just("2024-01-01T00:00:00Z"),
         "thresholds": st.dictionaries(st.sampled_from(["block", "pass", "x"]), st.floats() | st.none() | st.text(max_size=3)),
         "topics": st.dictionaries(st.text(max_size=8), json_values, max_size=3),
