@@ -32,7 +32,7 @@ from guard.live.metrics import GuardMetrics
 from guard.probe.policy import PolicyStore, ReloadResult
 from guard.probe.template import TEMPLATE_HASH
 from guard.probe.prober import Prober
-from guard.stores.recorder import DatapointRecorder
+from guard.stores.sink import Retention, open_sink
 from guard.proxy.request_context import RequestContext, request_id_of
 from guard.stores.review import ReviewSink
 from guard.proxy.routing import Router
@@ -262,7 +262,9 @@ def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.Async
         key = settings.judge_api_key.get_secret_value() if settings.judge_api_key else None
         judge = RefusalJudge(client, settings.judge_url, settings.judge_model, key, sample_rate=settings.judge_fraction)
     scorer = Scorer(
-        RefusalDetector(), live, DatapointRecorder(settings.datapoints, metrics, queue_size=settings.datapoint_queue_size),
+        RefusalDetector(), live,
+        open_sink(settings.datapoints, metrics, queue_size=settings.datapoint_queue_size,
+                  retention=Retention(settings.datapoint_max_age, settings.datapoint_max_rows)),
         metrics, topics=settings.topics, strict=settings.strict_refusal, judge=judge,
     )
     router = Router(settings, upstream, review_upstream, prober, policies,

@@ -17,7 +17,7 @@ from guard.proxy.forward import Exchange
 from guard.truth.judge import RefusalJudge
 from guard.live.windows import LiveStats
 from guard.live.metrics import GuardMetrics
-from guard.stores.recorder import DatapointRecorder
+from guard.stores.sink import DatapointSink
 
 UPSTREAM_ERROR_REASONS = frozenset({"connect", "timeout", "protocol", "status_4xx", "status_5xx"})
 
@@ -27,7 +27,7 @@ class Scorer:
         self,
         detector: RefusalDetector,
         live: LiveStats,
-        recorder: DatapointRecorder,
+        recorder: DatapointSink,
         metrics: GuardMetrics,
         *,
         topics: tuple[str, ...],
