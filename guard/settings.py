@@ -146,8 +146,8 @@ class Settings(BaseSettings):
             return SecretStr(value)
         if isinstance(value, str) and "://" in value:
             raise ValueError("must be a file path or a postgresql:// URL")
-        if isinstance(value, str) and not value.strip():
-            return None
+        if isinstance(value, str):
+            return Path(value) if value.strip() else None
         return value
 
     @field_validator("upstream_api_key", "review_upstream_api_key", "admin_token", "judge_api_key", mode="before")

@@ -24,14 +24,16 @@ meets (a value the table rejects) drops that batch, counted, and the drain goes 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Any, TextIO
 
 from pydantic import SecretStr
 
+from calibration.datapoints import FIELDS
 from calibration.postgres import SCHEMA_LOCK_KEY, postgres_ddl
 from guard.live.metrics import GuardMetrics
 from guard.stores.recorder import COLUMNS, _row
@@ -189,3 +191,28 @@ def _is_unavailable(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, TimeoutError, asyncpg.exceptions.PostgresConnectionError,
                             asyncpg.exceptions.InterfaceError, asyncpg.exceptions.CannotConnectNowError,
                             asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InternalClientError))
+
+
+async def _export(url: str, out: TextIO) -> int:
+    import asyncpg
+
+    con = await asyncpg.connect(url, timeout=10)
+    count = 0
+    try:
+        async with con.transaction(readonly=True, isolation="repeatable_read"):
+            async for row in con.cursor(f"SELECT {', '.join(COLUMNS)} FROM datapoints ORDER BY seq", prefetch=5000):
+                record = {k: row[k] for k in FIELDS}
+                if record["ts"] is not None:
+                    record["ts"] = record["ts"].isoformat(timespec="milliseconds")
+                if row["prompt"] is not None:
+                    record["prompt"] = row["prompt"]
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                count += 1
+    finally:
+        await con.close()
+    return count
+
+
+def export_postgres_jsonl(url: str, out: TextIO) -> int:
+    """Write every datapoint in the database as one JSON line (as ``export_jsonl`` does for SQLite)."""
+    return asyncio.run(_export(url, out))
