@@ -26,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from guard.proxy.chat_request import parse_chat_request
 from guard.truth.detector import RefusalDetector
 from guard.errors import ProxyError, error_body
+from guard.logs import AccessLog, configure_logging
 from guard.truth.judge import RefusalJudge
 from guard.live.windows import LiveStats
 from guard.live.metrics import GuardMetrics
@@ -169,7 +170,8 @@ def create_app(
             runtime.draining = True
 
     app = FastAPI(title="refusal-guard", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(RequestContext, metrics=metrics, max_header_bytes=settings.max_header_bytes)
+    app.add_middleware(RequestContext, metrics=metrics, max_header_bytes=settings.max_header_bytes,
+                       access_log=AccessLog() if settings.log_format == "json" else None)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -365,4 +367,6 @@ def create_app_from_environment() -> FastAPI:
 
     from guard.cli import RESOLVED_SETTINGS_ENV
 
-    return create_app(Settings.model_validate_json(os.environ[RESOLVED_SETTINGS_ENV]))
+    settings = Settings.model_validate_json(os.environ[RESOLVED_SETTINGS_ENV])
+    configure_logging(settings.log_format, settings.log_level)  # a fresh worker process
+    return create_app(settings)

@@ -68,6 +68,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValidationError, ConfigFileError) as exc:
         print(f"refusal-guard: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    from guard.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
     common = dict(
         host=settings.host,
         port=settings.port,
@@ -75,8 +78,9 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace),
         h11_max_incomplete_event_size=settings.max_header_bytes,
         limit_concurrency=settings.max_concurrency,
-        log_level="info",
-        access_log=False,  # access lines would carry paths and client addresses; metrics cover traffic
+        log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers propagate to the root logger configured above
+        access_log=False,  # uvicorn's lines carry paths and client addresses; guard.logs writes its own (json)
     )
     if settings.workers == 1:
         from guard.app import create_app

@@ -12,6 +12,7 @@ import asyncio
 import time
 from typing import Any
 
+from guard.logs import annotate
 from guard.truth.detector import RefusalDetector, is_refusal
 from guard.proxy.forward import Exchange
 from guard.truth.judge import RefusalJudge
@@ -56,6 +57,8 @@ class Scorer:
                 self.metrics.upstream_errors.labels(exchange.error).inc()
         self.metrics.overhead_seconds.observe(overhead)
         self.metrics.requests.labels(record["action"], record["mode"]).inc()
+        annotate(action=record["action"], mode=record["mode"], probe_status=record.get("probe_status"),
+                 probe_ms=record.get("probe_ms"), upstream_ms=record.get("upstream_ms"))
 
         text = exchange.text if exchange is not None else None
         label = self.detector.label(text) if text is not None else None
