@@ -10,6 +10,7 @@ if ! command -v promtool >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
   systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || { echo "== installing Debian's postgresql (the datapoint store tests start their own server)"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; }
 
 python3 -m venv .venv
 . .venv/bin/activate
