@@ -632,7 +632,7 @@ def read_datapoints(sources: Iterable[Path | str], *, on_error: Literal["raise",
 
 
 def _read_postgres(url: str, b: _Builder) -> None:
-    from calibration.postgres import read_postgres_groups, redact_url
+    from calibration.postgres import read_postgres_groups, redact_url, scrub
 
     shown = redact_url(url)
     try:
@@ -642,5 +642,5 @@ def _read_postgres(url: str, b: _Builder) -> None:
     except LookupError as exc:
         raise DatapointError(f"{shown}: {exc}") from None
     except Exception as exc:  # asyncpg's and the socket's errors: connection refused, auth, ...
-        raise DatapointError(f"{shown}: cannot read datapoints: {type(exc).__name__}: {exc}") from None
+        raise DatapointError(f"{shown}: cannot read datapoints: {type(exc).__name__}: {scrub(str(exc), url)}") from None
     b.add_groups(shown, found)

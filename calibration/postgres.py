@@ -18,6 +18,7 @@ import asyncio
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 from calibration.datapoints import ACTIONS, FIELDS, LABELS, OPTIONAL_FIELDS, PROBE_STATUSES
 from calibration.datapoints import _BOOL_FIELDS as BOOL_FIELDS
@@ -25,7 +26,7 @@ from calibration.datapoints import _FLOAT_FIELDS as FLOAT_FIELDS
 from calibration.datapoints import _INT_FIELDS as INT_FIELDS
 
 __all__ = ["POSTGRES_SCHEMES", "is_postgres_url", "postgres_ddl", "PostgresGroups", "read_postgres_groups",
-           "redact_url"]
+           "redact_url", "scrub"]
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 #: Serialises schema changes when several replicas start at once.
@@ -44,6 +45,16 @@ def redact_url(url: str) -> str:
         return url
     user = creds.split(":", 1)[0]
     return f"{scheme}{sep}{user}:***@{host}"
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (say, a driver's error message) with the URL's password replaced by ``***``."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    text = text.replace(url, redact_url(url))
+    return text.replace(password, "***") if password else text
 
 
 def _pg_type(name: str) -> str:

@@ -103,7 +103,7 @@ def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from calibration.postgres import is_postgres_url, redact_url
+    from calibration.postgres import is_postgres_url, redact_url, scrub
 
     if is_postgres_url(args.db):
         from guard.stores.postgres import export_postgres_jsonl
@@ -112,7 +112,8 @@ def run_export(args: argparse.Namespace) -> int:
             try:
                 return export_postgres_jsonl(args.db, out)
             except Exception as exc:  # connection refused, authentication, no table...
-                raise _ExportError(f"cannot read {redact_url(args.db)}: {type(exc).__name__}: {exc}") from None
+                raise _ExportError(f"cannot read {redact_url(args.db)}: {type(exc).__name__}: "
+                                   f"{scrub(str(exc), args.db)}") from None
     else:
         from guard.stores.recorder import export_jsonl
 

@@ -471,3 +471,7 @@ def test_unreachable_or_empty_databases_are_named_without_the_password(pg, db_ur
     with pytest.raises(DatapointError, match="cannot read datapoints") as info:
         read_datapoints([dead])
     assert PASSWORD not in str(info.value)
+    wrong = pg.url().replace(PASSWORD, "not-" + PASSWORD)
+    with pytest.raises(DatapointError, match="password authentication failed") as info:
+        read_datapoints([wrong])
+    assert PASSWORD not in str(info.value)

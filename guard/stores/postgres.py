@@ -34,7 +34,7 @@ from typing import Any, TextIO
 from pydantic import SecretStr
 
 from calibration.datapoints import FIELDS
-from calibration.postgres import SCHEMA_LOCK_KEY, postgres_ddl
+from calibration.postgres import SCHEMA_LOCK_KEY, postgres_ddl, scrub
 from guard.live.metrics import GuardMetrics
 from guard.stores.recorder import COLUMNS, _row
 from guard.stores.sink import Retention, StoreUnavailable, drain_batches, offer
@@ -117,7 +117,7 @@ class PostgresSink:
         self._migrated = True
 
     def _connection(self) -> Any:
-        return _Guarded(self._pool, self.connect_timeout)
+        return _Guarded(self._pool, self.connect_timeout, self.url.get_secret_value())
 
     async def _write(self, batch: list[dict[str, Any]]) -> None:
         if self._batch is None or self._batch[0] is not batch:
@@ -159,9 +159,10 @@ class PostgresSink:
 class _Guarded:
     """A pooled connection whose connection-level failures surface as :class:`StoreUnavailable`."""
 
-    def __init__(self, pool: Any, timeout: float) -> None:
+    def __init__(self, pool: Any, timeout: float, url: str) -> None:
         self.pool = pool
         self.timeout = timeout
+        self.url = url
         self.con: Any = None
 
     async def __aenter__(self) -> Any:
@@ -169,7 +170,7 @@ class _Guarded:
             self.con = await self.pool.acquire(timeout=self.timeout)
         except Exception as exc:
             if _is_unavailable(exc):
-                raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+                raise StoreUnavailable(f"{type(exc).__name__}: {scrub(str(exc), self.url)}") from exc
             raise
         return self.con
 
@@ -179,7 +180,7 @@ class _Guarded:
         except Exception:  # a broken connection: the pool replaces it
             pass
         if exc is not None and _is_unavailable(exc):
-            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise StoreUnavailable(f"{type(exc).__name__}: {scrub(str(exc), self.url)}") from exc
         return False
 
 
