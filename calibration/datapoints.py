@@ -94,6 +94,7 @@ DUPLICATE = "duplicate request_id+ts"
 #: Not stored but validated (unknown labels/statuses/actions are errors, not silent).
 _CHECKED = frozenset({"label", "action"})
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 _CHUNK = 50_000
 
 
@@ -582,7 +583,8 @@ def expand_sources(sources: Iterable[Path | str]) -> tuple[list[Path], list[str]
         if is_postgres_url(text):
             urls[text] = None
         elif isinstance(source, str) and glob.has_magic(text):
-            matches = sorted(glob.glob(text, recursive=True))
+            # SQLite's side files (WAL, shared memory, journal) sit beside a log: never datapoints
+            matches = sorted(m for m in glob.glob(text, recursive=True) if not m.endswith(_SQLITE_SIDE_FILES))
             if not matches:
                 raise DatapointError(f"{text}: no file matches")
             files.update((Path(m).resolve(), None) for m in matches)
