@@ -27,6 +27,7 @@ from guard.proxy.chat_request import parse_chat_request
 from guard.truth.detector import RefusalDetector
 from guard.errors import ProxyError, error_body
 from guard.logs import AccessLog, configure_logging
+from guard.tracing import Tracing, tracing_for
 from guard.truth.judge import RefusalJudge
 from guard.live.windows import LiveStats
 from guard.live.metrics import GuardMetrics
@@ -141,15 +142,21 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     http_client: httpx.AsyncClient | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
-    """Build the proxy. ``http_client`` is owned by the caller if given, else by the app."""
+    """Build the proxy. ``http_client`` is owned by the caller if given, else by the app; so is
+    ``tracing`` (default: from ``otlp_endpoint``, shut down with the app)."""
     metrics = GuardMetrics(registry or CollectorRegistry())
+    owned_tracing = tracing is None
+    tracing = tracing or tracing_for(settings.otlp_endpoint, settings.otel_service_name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             client = http_client or await stack.enter_async_context(build_http_client(settings))
-            runtime = build_runtime(settings, metrics, client)
+            runtime = build_runtime(settings, metrics, client, tracing)
+            if owned_tracing:
+                stack.push_async_callback(asyncio.to_thread, tracing.shutdown)  # runs last: spans of the drain too
             await runtime.router.scorer.recorder.start()
             stack.push_async_callback(runtime.router.scorer.recorder.stop)
             await runtime.router.reviews.start()
@@ -171,7 +178,7 @@ def create_app(
 
     app = FastAPI(title="refusal-guard", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(RequestContext, metrics=metrics, max_header_bytes=settings.max_header_bytes,
-                       access_log=AccessLog() if settings.log_format == "json" else None)
+                       access_log=AccessLog() if settings.log_format == "json" else None, tracing=tracing)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -241,7 +248,8 @@ def create_app(
     return app
 
 
-def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.AsyncClient) -> Runtime:
+def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.AsyncClient,
+                  tracing: Tracing | None = None) -> Runtime:
     """Wire the collaborators of one process from settings."""
     metrics.initialise(settings.topics, tuple(dict.fromkeys((settings.mode.value, "shadow"))))
     upstream = Upstream(client, settings.upstream, api_key=settings.upstream_api_key, total_timeout=settings.total_timeout)
@@ -267,10 +275,10 @@ def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.Async
         RefusalDetector(), live,
         open_sink(settings.datapoints, metrics, queue_size=settings.datapoint_queue_size,
                   retention=Retention(settings.datapoint_max_age, settings.datapoint_max_rows)),
-        metrics, topics=settings.topics, strict=settings.strict_refusal, judge=judge,
+        metrics, topics=settings.topics, strict=settings.strict_refusal, judge=judge, tracing=tracing,
     )
     router = Router(settings, upstream, review_upstream, prober, policies,
-                    ReviewSink(client, settings.review_webhook, metrics), scorer)
+                    ReviewSink(client, settings.review_webhook, metrics), scorer, tracing or Tracing())
     return Runtime(settings, metrics, upstream, router, policies)
 
 

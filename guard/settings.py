@@ -130,8 +130,11 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(default="text", description=(
         "text, or json: one JSON object a line, plus one access-log line per request (never prompt text)."))
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    otlp_endpoint: str | None = Field(default=None, description=(
+        "OpenTelemetry: export spans over OTLP/HTTP here, e.g. http://collector:4318/v1/traces (needs the otel extra)."))
+    otel_service_name: str = "refusal-guard"
 
-    @field_validator("upstream", "review_upstream", "review_webhook", "judge_url")
+    @field_validator("upstream", "review_upstream", "review_webhook", "judge_url", "otlp_endpoint")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):

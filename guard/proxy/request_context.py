@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.errors import error_body
 from guard.logs import AccessLog
+from guard.tracing import Tracing
 from guard.live.metrics import GuardMetrics
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -31,11 +32,12 @@ def request_id_of(scope: Scope) -> str:
 
 class RequestContext:
     def __init__(self, app: ASGIApp, metrics: GuardMetrics, max_header_bytes: int | None = None,
-                 access_log: AccessLog | None = None) -> None:
+                 access_log: AccessLog | None = None, tracing: Tracing | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.max_header_bytes = max_header_bytes
         self.access_log = access_log
+        self.tracing = tracing or Tracing()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,7 +74,12 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            with self.tracing.span(f"{scope['method']} {route}", server=True, parent=_trace_headers(scope),
+                                   **{"http.route": route, "http.request.method": scope["method"],
+                                      "refusal_guard.request_id": request_id}) as span:
+                await self.app(scope, receive, send_with_id)
+                if span is not None:
+                    span.set_attribute("http.response.status_code", status)
         except Exception:
             log.exception("unhandled error on %s (request %s)", route, request_id)
             if not response_started:
@@ -85,6 +92,11 @@ class RequestContext:
             if self.access_log is not None:
                 self.access_log.end(access, request_id=request_id, method=scope["method"], route=route,
                                     status=status, seconds=elapsed)
+
+
+def _trace_headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+            if k.lower() in (b"traceparent", b"tracestate")}
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from guard.logs import annotate
+from guard.tracing import Tracing
 from guard.truth.detector import RefusalDetector, is_refusal
 from guard.proxy.forward import Exchange
 from guard.truth.judge import RefusalJudge
@@ -34,6 +35,7 @@ class Scorer:
         topics: tuple[str, ...],
         strict: bool,
         judge: RefusalJudge | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.detector = detector
         self.live = live
@@ -42,10 +44,15 @@ class Scorer:
         self.topics = frozenset(topics)
         self.strict = strict
         self.judge = judge
+        self.tracing = tracing or Tracing()
         self._audits: set[asyncio.Task[None]] = set()
 
     def submit(self, record: dict[str, Any], exchange: Exchange | None, started: float) -> None:
         """Complete ``record`` with the outcome and timings, then count and log it."""
+        with self.tracing.span("scoring", **{"refusal_guard.action": record["action"]}):
+            self._submit(record, exchange, started)
+
+    def _submit(self, record: dict[str, Any], exchange: Exchange | None, started: float) -> None:
         total = time.perf_counter() - started
         record["total_ms"] = round(total * 1000, 3)
         overhead = total
