@@ -50,10 +50,10 @@ class Tracing:
         with self._tracer.start_as_current_span(name, context=context, kind=kind, attributes=attrs) as span:
             yield span
 
-    def inject(self, headers: Mapping[str, str]) -> dict[str, str]:
+    def inject(self, headers: Mapping[str, str]) -> Mapping[str, str]:
         """``headers`` with the current span's ``traceparent`` in place of the client's (if tracing)."""
         if self._tracer is None:
-            return dict(headers)
+            return headers
         out = {k: v for k, v in headers.items() if k.lower() not in TRACE_HEADERS}
         self._propagator.inject(out)
         return out

@@ -74,7 +74,8 @@ class RequestContext:
             await send(message)
 
         try:
-            with self.tracing.span(f"{scope['method']} {route}", server=True, parent=_trace_headers(scope),
+            parent = _trace_headers(scope) if self.tracing.enabled else None
+            with self.tracing.span(f"{scope['method']} {route}", server=True, parent=parent,
                                    **{"http.route": route, "http.request.method": scope["method"],
                                       "refusal_guard.request_id": request_id}) as span:
                 await self.app(scope, receive, send_with_id)
