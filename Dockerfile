@@ -21,7 +21,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY guard ./guard
 COPY calibration ./calibration
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir "./[postgres]" \
     && pip uninstall --yes pip setuptools \
     && find /opt/venv -name '__pycache__' -type d -prune -exec rm -rf {} +
 

@@ -1,4 +1,4 @@
-"""``refusal-guard calibrate``: datapoints (JSONL / SQLite log) -> policy JSON (+ optional report).
+"""``refusal-guard calibrate``: datapoints (JSONL, SQLite log, PostgreSQL) -> policy JSON (+ optional report).
 
 Registered on the console script's subparsers by :func:`add_calibrate_parser`; ``run(args)``
 returns the exit code (0 ok, 2 bad input).  Progress and warnings go to stderr, the summary table to
@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from calibration.datapoints import DatapointError
+from calibration.datapoints import DatapointError, parse_duration
 
 __all__ = ["add_calibrate_parser", "run", "main", "summary_table"]
 
@@ -22,11 +23,14 @@ def add_calibrate_parser(subparsers: Any) -> None:
     """Register the ``calibrate`` subcommand (``set_defaults(func=run)``)."""
     p = subparsers.add_parser(
         "calibrate", help="fit a policy from datapoints",
-        description="Read datapoints (JSONL or the proxy's SQLite log), compute SDT statistics with "
+        description="Read datapoints (JSONL, the proxy's SQLite log or its PostgreSQL database), compute SDT statistics with "
                     "bootstrap CIs, recalibrate confidence, certify routing thresholds and write the "
                     "policy file the proxy loads.")
-    p.add_argument("--datapoints", nargs="+", type=Path, required=True, metavar="FILE",
-                   help="JSONL and/or SQLite files")
+    p.add_argument("--datapoints", nargs="+", required=True, metavar="SOURCE",
+                   help="JSONL and/or SQLite files, globs (quoted) and postgresql:// URLs; a row given twice "
+                        "(same request_id and ts) counts once")
+    p.add_argument("--since", type=_duration, metavar="DURATION",
+                   help="only datapoints of the last DURATION (90s, 15m, 12h, 7d, 2w)")
     p.add_argument("--out", type=Path, required=True, help="policy JSON to write")
     p.add_argument("--target-accuracy", type=float, default=0.98,
                    help="required accuracy of auto-routed requests (default 0.98)")
@@ -35,12 +39,19 @@ def add_calibrate_parser(subparsers: Any) -> None:
     p.add_argument("--report", type=Path, metavar="DIR", help="also write report.md and report.html here")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--model", help="override the model name found in the datapoints")
+    p.add_argument("--model", help="only datapoints of this model (which the policy then names)")
     p.add_argument("--probe-template", help="override the probe template id found in the datapoints")
     p.add_argument("--probe-template-hash", help="hash of the probe template text")
     p.add_argument("--skip-invalid", action="store_true",
                    help="count invalid rows as skipped instead of stopping at the first one")
     p.set_defaults(func=run)
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -84,16 +95,19 @@ def summary_table(result: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``calibrate``; returns the process exit code."""
-    from calibration.calibrate import CalibrationError, calibrate  # heavy imports only when used
+    from calibration.calibrate import CalibrationError, calibrate_table  # heavy imports only when used
+    from calibration.datapoints import read_datapoints
 
     t0 = time.perf_counter()
     err = sys.stderr
-    print(f"calibrate: reading {len(args.datapoints)} file(s)", file=err)
+    print(f"calibrate: reading {len(args.datapoints)} source(s)", file=err)
+    since = datetime.now(timezone.utc) - timedelta(seconds=args.since) if args.since else None
     try:
-        result = calibrate(args.datapoints, target_accuracy=args.target_accuracy, confidence=args.confidence,
-                           n_boot=args.n_boot, seed=args.seed, model=args.model,
-                           probe_template=args.probe_template, probe_template_hash=args.probe_template_hash,
-                           on_error="skip" if args.skip_invalid else "raise")
+        table = read_datapoints(args.datapoints, on_error="skip" if args.skip_invalid else "raise",
+                                since=since, model=args.model)
+        result = calibrate_table(table, target_accuracy=args.target_accuracy, confidence=args.confidence,
+                                 n_boot=args.n_boot, seed=args.seed, model=args.model,
+                                 probe_template=args.probe_template, probe_template_hash=args.probe_template_hash)
     except (DatapointError, CalibrationError) as exc:
         print(f"calibrate: error: {exc}", file=err)
         return 2

@@ -1,4 +1,4 @@
-"""The datapoint schema and columnar readers for JSONL files and the proxy's SQLite log.
+"""The datapoint schema and columnar readers for JSONL files, the proxy's SQLite log and PostgreSQL.
 
 One datapoint = one chat request: what the probe predicted (``will_refuse``, ``confidence``,
 ``harm_rating``, ``topic``), what the policy did (``action``) and how the real response was
@@ -15,17 +15,27 @@ uses (id, prompt_sha256, topic, harm_level, will_refuse, confidence, harm_rating
 probe_template, probe_status) and the enums ``label`` and ``action``; timing and other fields that
 calibration never reads are not type-checked (keeps 1M-row logs fast).  Unknown keys are reported
 in :attr:`DatapointTable.unknown_fields`.
+
+Sources may be mixed: files, globs and ``postgresql://`` URLs (aggregated in the database by
+``calibration.postgres``; rows never reach Python, only counts per prompt cluster and cell).
+A row seen twice -- the same file given twice, a SQLite log and its own JSONL export, a file
+and the database it was exported from -- is used once: rows are keyed by ``(request_id, ts)``
+(request ids alone may be chosen by clients, so two requests can share one; the same row read
+twice shares both) and repeats are counted as skipped ``duplicate request_id+ts``. Rows
+without a ``request_id`` are never treated as duplicates.
 """
 
 from __future__ import annotations
 
 import gc
+import glob
 import hashlib
 import json
 import sqlite3
 from collections import Counter
 from operator import itemgetter
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -79,10 +89,12 @@ SQLITE_DDL: str = (
 
 #: Fields the reader keeps (the rest are validated but not stored).
 _USED = ("id", "prompt_sha256", "topic", "harm_level", "will_refuse", "confidence", "harm_rating",
-         "refused", "model", "probe_template", "probe_status", "p_refuse_logprob")
+         "refused", "model", "probe_template", "probe_status", "p_refuse_logprob", "request_id", "ts")
+DUPLICATE = "duplicate request_id+ts"
 #: Not stored but validated (unknown labels/statuses/actions are errors, not silent).
 _CHECKED = frozenset({"label", "action"})
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+_SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 _CHUNK = 50_000
 
 
@@ -150,15 +162,29 @@ class DatapointTable:
         )
 
     def data_hash(self) -> str:
-        """sha256 of the usable content (ids, topics, predictions, outcomes), format-independent."""
+        """sha256 of the usable content (ids, topics, predictions, outcomes).
+
+        Independent of the source format and of row order: codes are replaced by the ranks of
+        their names and rows are sorted, so a database's aggregated rows hash like its export.
+        """
+        def ranks(names: tuple[str, ...]) -> np.ndarray:
+            order = np.argsort(np.array(names, dtype=object), kind="stable") if names else np.zeros(0, np.int64)
+            out = np.empty(len(names) + 1, dtype=np.int64)
+            out[order] = np.arange(len(names))
+            out[-1] = -1  # code -1 (missing) indexes the last slot
+            return out
+
+        cols = [ranks(self.prompt_ids)[self.prompt], ranks(self.topics)[self.topic],
+                self.harm_level.astype(np.int64), self.will_refuse.astype(np.int64),
+                self.confidence.astype(np.int64), self.harm_rating.astype(np.int64), self.refused.astype(np.int64)]
+        order = np.lexsort(cols[::-1])
         h = hashlib.sha256()
-        for arr in (self.prompt, self.topic, self.harm_level, self.will_refuse, self.confidence,
-                    self.harm_rating, self.refused):
-            h.update(np.ascontiguousarray(arr).tobytes())
+        for arr in cols:
+            h.update(np.ascontiguousarray(arr[order]).tobytes())
+        h.update("\x1f".join(sorted(self.prompt_ids)).encode())
+        h.update("\x1e".join(sorted(self.topics)).encode())
         if self.p_refuse_logprob is not None:
-            h.update(np.ascontiguousarray(self.p_refuse_logprob).tobytes())
-        h.update("\x1f".join(self.prompt_ids).encode())
-        h.update("\x1e".join(self.topics).encode())
+            h.update(np.ascontiguousarray(self.p_refuse_logprob[order]).tobytes())
         return h.hexdigest()
 
     def skipped_summary(self) -> str:
@@ -193,8 +219,13 @@ class _Where:
 class _Builder:
     """Accumulates validated columns chunk by chunk, with shared factorisation dicts."""
 
-    def __init__(self, on_error: str) -> None:
+    def __init__(self, on_error: str, since: datetime | None = None, model: str | None = None,
+                 keep_keys: bool = False) -> None:
         self.on_error = on_error
+        self.since = since
+        self.model = model
+        self.seen: set[int] = set()             # hash((request_id, ts)) of every row read
+        self.keys: list[tuple[str, datetime]] | None = [] if keep_keys else None  # for a database to skip
         self.ids: dict[str, int] = {}
         self.topics: dict[str, int] = {}
         self.models: set[str] = set()
@@ -215,7 +246,10 @@ class _Builder:
 
     def add_chunk(self, cols: dict[str, list[Any]], where: _Where, bool_as_int: bool) -> None:
         """Validate one chunk of columns (lists of equal length) and append the usable rows."""
+        cols, where = self._select(cols, where)
         n = len(where)
+        if n == 0:
+            return
         self.n_read += n
         bad = np.zeros(n, dtype=bool)
         for name, values in cols.items():
@@ -265,6 +299,75 @@ class _Builder:
                                              if None in lp else np.array(lp, np.float64))
         self.models.update(m for m in set(cols["model"]) if m is not None)
         self.templates.update(t for t in set(cols["probe_template"]) if t is not None)
+
+    def _select(self, cols: dict[str, list[Any]], where: _Where) -> tuple[dict[str, list[Any]], _Where]:
+        """Drop rows outside ``--since``/``--model`` (not counted as read) and repeated rows (counted)."""
+        n = len(where)
+        keep = np.ones(n, dtype=bool)
+        rid, ts = cols["request_id"], cols["ts"]
+        if self.model is not None:
+            keep &= np.fromiter((m == self.model for m in cols["model"]), bool, n)
+        if self.since is not None:
+            keep &= np.fromiter((_after(t, self.since) for t in ts), bool, n)
+        for i in np.flatnonzero(keep):
+            if rid[i] is None:
+                continue
+            key = hash((rid[i], ts[i]))
+            if key in self.seen:
+                keep[i] = False
+                self.n_read += 1
+                self.skip(DUPLICATE, where[i])
+                continue
+            self.seen.add(key)
+            if self.keys is not None and isinstance(ts[i], str):
+                with_tz = _parse_ts(ts[i])
+                if with_tz is not None:
+                    self.keys.append((str(rid[i]), with_tz))
+        if keep.all():
+            return cols, where
+        idx = np.flatnonzero(keep)
+        return {k: [v[i] for i in idx] for k, v in cols.items()}, where.take(idx)
+
+    def add_groups(self, source: str, found: Any) -> None:
+        """Expand a database's aggregated counts (``calibration.postgres.PostgresGroups``)."""
+        for u in found.unusable:
+            n, where = int(u["n"]), f"{source}: row seq={u['first']}"
+            self.n_read += n
+            if u["dup"]:
+                reason = DUPLICATE
+            elif u["invalid"] is not None:
+                if self.on_error == "raise":
+                    raise DatapointError(f"{where}: {u['invalid']} (and {n - 1} more rows like it)")
+                reason = u["invalid"]
+            else:
+                lacking = [k for k, flag in (("will_refuse", "no_wr"), ("confidence", "no_conf"),
+                                             ("refused", "no_ref")) if u[flag]]
+                reason = "missing " + "+".join(lacking)
+                if u["probe_status"] not in (None, "ok", "cached"):
+                    reason += f" (probe_status={u['probe_status']})"
+            self.skip(reason, where, n)
+        self.unknown.update(found.unknown_fields)
+        g = found.groups
+        if not g:
+            return
+        counts = np.fromiter((r["n"] for r in g), np.int64, len(g))
+        self.n_read += int(counts.sum())
+
+        def col(name: str) -> list[Any]:
+            return [r[name] for r in g]
+
+        def rep(values: np.ndarray) -> np.ndarray:
+            return np.repeat(values, counts)
+
+        self.cols["prompt"].append(rep(_factorise(col("cluster"), self.ids, len(g))))
+        self.cols["topic"].append(rep(_factorise(col("topic"), self.topics, len(g))))
+        self.cols["harm_level"].append(rep(_ints(col("harm_level"), -1, np.int16)))
+        self.cols["harm_rating"].append(rep(_ints(col("harm_rating"), 0, np.int8)))
+        self.cols["will_refuse"].append(rep(np.array(col("will_refuse"), dtype=bool)))
+        self.cols["refused"].append(rep(np.array(col("refused"), dtype=bool)))
+        self.cols["confidence"].append(rep(np.array(col("confidence"), dtype=np.int8)))
+        self.models.update(m for m in set(col("model")) if m is not None)
+        self.templates.update(t for t in set(col("probe_template")) if t is not None)
 
     def _check(self, name: str, values: list[Any], where: _Where, bool_as_int: bool) -> np.ndarray:
         """Fast per-column type check; the slow per-row path only runs when something is wrong."""
@@ -340,6 +443,35 @@ def _ints(values: list[Any], missing: int, dtype: Any) -> np.ndarray:
     if None in values:
         return np.array([missing if v is None else v for v in values], dtype=dtype)
     return np.array(values, dtype=dtype)
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str | float) -> float:
+    """Seconds in ``"90s"``, ``"15m"``, ``"12h"``, ``"7d"``, ``"2w"`` or a bare number of seconds."""
+    value = str(text).strip().lower()
+    number, unit = (value[:-1], value[-1]) if value[-1:] in _UNITS else (value, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration like 90s, 15m, 12h, 7d or 2w") from None
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"duration {text!r} must be positive")
+    return seconds
+
+
+def _parse_ts(value: str) -> datetime | None:
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=timezone.utc)
+
+
+def _after(value: Any, since: datetime) -> bool:
+    ts = _parse_ts(value) if isinstance(value, str) else None
+    return ts is not None and ts >= since
 
 
 def _is_sqlite(path: Path) -> bool:
@@ -448,29 +580,55 @@ def _read_sqlite(path: Path, b: _Builder) -> None:
         con.close()
 
 
-def read_datapoints(paths: Iterable[Path | str], *,
-                    on_error: Literal["raise", "skip"] = "raise") -> DatapointTable:
-    """Read JSONL files and/or the proxy's SQLite logs into one :class:`DatapointTable`.
+def expand_sources(sources: Iterable[Path | str]) -> tuple[list[Path], list[str]]:
+    """Files (globs expanded, each file once) and PostgreSQL URLs (each once), in the order given."""
+    from calibration.postgres import is_postgres_url
 
-    SQLite is detected by its magic header (whatever the extension); anything else is read as
-    JSONL (blank lines ignored).  Only ``will_refuse``, ``confidence`` and ``refused`` are required
-    for a row to be usable; rows lacking any of them are counted in ``skipped`` by reason.  Invalid
-    rows (malformed JSON, wrong types, unknown labels, confidence outside 1-5) raise
-    :class:`DatapointError` with ``file:line``, or with ``on_error="skip"`` are counted as skipped.
-    The prompt id is ``id``, else ``prompt_sha256``, else unique to the row.
+    files: dict[Path, None] = {}
+    urls: dict[str, None] = {}
+    for source in sources:
+        text = str(source)
+        if is_postgres_url(text):
+            urls[text] = None
+        elif isinstance(source, str) and glob.has_magic(text):
+            # SQLite's side files (WAL, shared memory, journal) sit beside a log: never datapoints
+            matches = sorted(m for m in glob.glob(text, recursive=True) if not m.endswith(_SQLITE_SIDE_FILES))
+            if not matches:
+                raise DatapointError(f"{text}: no file matches")
+            files.update((Path(m).resolve(), None) for m in matches)
+        else:
+            path = Path(source)
+            if not path.is_file():
+                raise DatapointError(f"{path}: no such file")
+            files[path.resolve()] = None
+    return list(files), list(urls)
+
+
+def read_datapoints(sources: Iterable[Path | str], *, on_error: Literal["raise", "skip"] = "raise",
+                    since: datetime | None = None, model: str | None = None) -> DatapointTable:
+    """Read JSONL files, the proxy's SQLite logs and PostgreSQL databases into one :class:`DatapointTable`.
+
+    ``sources`` holds paths, globs (strings with ``*?[``) and ``postgresql://`` URLs; files are
+    read before databases. SQLite is detected by its magic header (whatever the extension);
+    any other file is read as JSONL (blank lines ignored). Only ``will_refuse``, ``confidence``
+    and ``refused`` are required for a row to be usable; rows lacking any of them are counted in
+    ``skipped`` by reason, and so are repeated rows (see the module docstring). Invalid rows
+    (malformed JSON, wrong types, unknown labels, confidence outside 1-5) raise
+    :class:`DatapointError` naming the row, or with ``on_error="skip"`` are counted as skipped.
+    ``since`` keeps rows whose ``ts`` is at or after it, ``model`` rows of that model; rows left
+    out by them are not counted as read. The prompt id is ``id``, else ``prompt_sha256``, else
+    unique to the row.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError("on_error must be 'raise' or 'skip'")
-    b = _Builder(on_error)
+    files, urls = expand_sources(sources)
+    b = _Builder(on_error, since=since, model=model, keep_keys=bool(urls))
     # Millions of short-lived dicts/tuples would trigger the cyclic GC over and over (it scans
     # every live container); they hold no cycles, so pause it while parsing.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for p in paths:
-            path = Path(p)
-            if not path.is_file():
-                raise DatapointError(f"{path}: no such file")
+        for path in files:
             if _is_sqlite(path):
                 _read_sqlite(path, b)
             else:
@@ -478,4 +636,21 @@ def read_datapoints(paths: Iterable[Path | str], *,
     finally:
         if gc_was_enabled:
             gc.enable()
+    for url in urls:
+        _read_postgres(url, b)
     return b.build()
+
+
+def _read_postgres(url: str, b: _Builder) -> None:
+    from calibration.postgres import read_postgres_groups, redact_url, scrub
+
+    shown = redact_url(url)
+    try:
+        found = read_postgres_groups(url, since=b.since, model=b.model, exclude=b.keys)
+    except ImportError:
+        raise DatapointError(f"{shown}: reading PostgreSQL needs asyncpg (pip install 'refusal-guard[postgres]')") from None
+    except LookupError as exc:
+        raise DatapointError(f"{shown}: {exc}") from None
+    except Exception as exc:  # asyncpg's and the socket's errors: connection refused, auth, ...
+        raise DatapointError(f"{shown}: cannot read datapoints: {type(exc).__name__}: {scrub(str(exc), url)}") from None
+    b.add_groups(shown, found)

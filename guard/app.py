@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
@@ -27,14 +28,17 @@ from starlette.responses import JSONResponse, Response
 from guard.proxy.chat_request import parse_chat_request
 from guard.truth.detector import RefusalDetector
 from guard.errors import ProxyError, error_body
+from guard.logs import AccessLog, configure_logging
+from guard.tracing import Tracing, tracing_for
 from guard.truth.judge import RefusalJudge
 from guard.live.windows import LiveStats
 from guard.live.metrics import GuardMetrics
 from guard.probe.policy import PolicyStore, ReloadResult
 from guard.probe.template import TEMPLATE_HASH
 from guard.probe.prober import Prober
-from guard.stores.recorder import DatapointRecorder, PromptHasher, default_key_file, load_hash_key
+from guard.stores.recorder import PromptHasher, default_key_file, load_hash_key
 from guard.proxy.headers import add_relayed_headers
+from guard.stores.sink import Retention, open_sink
 from guard.proxy.request_context import RequestContext, request_id_of
 from guard.stores.review import ReviewSink
 from guard.proxy.routing import Router
@@ -143,15 +147,21 @@ def create_app(
     *,
     registry: CollectorRegistry | None = None,
     http_client: httpx.AsyncClient | None = None,
+    tracing: Tracing | None = None,
 ) -> FastAPI:
-    """Build the proxy. ``http_client`` is owned by the caller if given, else by the app."""
+    """Build the proxy. ``http_client`` is owned by the caller if given, else by the app; so is
+    ``tracing`` (default: from ``otlp_endpoint``, shut down with the app)."""
     metrics = GuardMetrics(registry or CollectorRegistry())
+    owned_tracing = tracing is None
+    tracing = tracing or tracing_for(settings.otlp_endpoint, settings.otel_service_name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             client = http_client or await stack.enter_async_context(build_http_client(settings))
-            runtime = build_runtime(settings, metrics, client)
+            runtime = build_runtime(settings, metrics, client, tracing)
+            if owned_tracing:
+                stack.push_async_callback(asyncio.to_thread, tracing.shutdown)  # runs last: spans of the drain too
             await runtime.router.scorer.recorder.start()
             stack.push_async_callback(runtime.router.scorer.recorder.stop)
             await runtime.router.reviews.start()
@@ -172,7 +182,8 @@ def create_app(
             runtime.draining = True
 
     app = FastAPI(title="refusal-guard", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.add_middleware(RequestContext, metrics=metrics, max_header_bytes=settings.max_header_bytes)
+    app.add_middleware(RequestContext, metrics=metrics, max_header_bytes=settings.max_header_bytes,
+                       access_log=AccessLog() if settings.log_format == "json" else None, tracing=tracing)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -242,7 +253,8 @@ def create_app(
     return app
 
 
-def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.AsyncClient) -> Runtime:
+def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.AsyncClient,
+                  tracing: Tracing | None = None) -> Runtime:
     """Wire the collaborators of one process from settings."""
     metrics.initialise(settings.topics, tuple(dict.fromkeys((settings.mode.value, "shadow"))))
     # With api_keys set, the client's Authorization is its key for the guard: not the upstream's business.
@@ -271,19 +283,25 @@ def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.Async
         key = settings.judge_api_key.get_secret_value() if settings.judge_api_key else None
         judge = RefusalJudge(client, settings.judge_url, settings.judge_model, key, sample_rate=settings.judge_fraction)
     scorer = Scorer(
-        RefusalDetector(), live, DatapointRecorder(settings.datapoints, metrics, queue_size=settings.datapoint_queue_size,
-                                                   hasher=PromptHasher(prompt_hash_key(settings))),
-        metrics, topics=settings.topics, strict=settings.strict_refusal, judge=judge,
+        RefusalDetector(), live,
+        open_sink(settings.datapoints, metrics, queue_size=settings.datapoint_queue_size,
+                  retention=Retention(settings.datapoint_max_age, settings.datapoint_max_rows),
+                  hasher=PromptHasher(prompt_hash_key(settings))),
+        metrics, topics=settings.topics, strict=settings.strict_refusal, judge=judge, tracing=tracing,
     )
     router = Router(settings, upstream, review_upstream, prober, policies,
-                    ReviewSink(client, settings.review_webhook, metrics), scorer)
+                    ReviewSink(client, settings.review_webhook, metrics), scorer, tracing or Tracing())
     return Runtime(settings, metrics, upstream, router, policies)
 
 
 def prompt_hash_key(settings: Settings) -> bytes:
     """The datapoints' prompt-hash key: configured, or generated once and kept beside the log."""
     configured = settings.prompt_hash_key.get_secret_value() if settings.prompt_hash_key else None
-    return load_hash_key(configured, settings.prompt_hash_key_file or default_key_file(settings.datapoints))
+    key_file = settings.prompt_hash_key_file or default_key_file(settings.datapoints)
+    if configured is None and key_file is None and isinstance(settings.datapoints, SecretStr):
+        log.warning("datapoints go to a database but prompt_hash_key is not set: this replica hashes prompts "
+                    "under its own key, so calibration cannot group a prompt's repeats across replicas")
+    return load_hash_key(configured, key_file)
 
 
 def freeze_startup_heap() -> None:
@@ -384,4 +402,6 @@ def create_app_from_environment() -> FastAPI:
 
     from guard.cli import RESOLVED_SETTINGS_ENV
 
-    return create_app(Settings.model_validate_json(os.environ[RESOLVED_SETTINGS_ENV]))
+    settings = Settings.model_validate_json(os.environ[RESOLVED_SETTINGS_ENV])
+    configure_logging(settings.log_format, settings.log_level)  # a fresh worker process
+    return create_app(settings)

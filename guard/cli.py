@@ -68,6 +68,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except (ValidationError, ConfigFileError) as exc:
         print(f"refusal-guard: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    from guard.logs import configure_logging
+
+    configure_logging(settings.log_format, settings.log_level)
     common = dict(
         host=settings.host,
         port=settings.port,
@@ -75,8 +78,9 @@ def run_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace),
         h11_max_incomplete_event_size=settings.max_header_bytes,
         limit_concurrency=settings.max_concurrency,
-        log_level="info",
-        access_log=False,  # access lines would carry paths and client addresses; metrics cover traffic
+        log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers propagate to the root logger configured above
+        access_log=False,  # uvicorn's lines carry paths and client addresses; guard.logs writes its own (json)
     )
     if settings.workers == 1:
         from guard.app import create_app
@@ -91,26 +95,49 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("export", help="export the proxy's SQLite datapoint log as JSONL")
-    parser.add_argument("--db", type=Path, default=Path("refusal-guard-datapoints.sqlite3"),
-                        help="the datapoint database (the `datapoints` setting of serve)")
+    parser = subparsers.add_parser("export", help="export the proxy's datapoint log (SQLite or PostgreSQL) as JSONL")
+    parser.add_argument("--db", default="refusal-guard-datapoints.sqlite3",
+                        help="the datapoint database: a SQLite file or a postgresql:// URL (the `datapoints` setting)")
     parser.add_argument("--out", type=Path, default=None, help="JSONL file to write (default: stdout)")
     parser.set_defaults(func=run_export)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from guard.stores.recorder import export_jsonl
+    from calibration.postgres import is_postgres_url, redact_url, scrub
 
-    if not args.db.is_file():
-        print(f"refusal-guard export: no database at {args.db}", file=sys.stderr)
-        return 2
-    if args.out is None:
-        count = export_jsonl(args.db, sys.stdout)
+    if is_postgres_url(args.db):
+        from guard.stores.postgres import export_postgres_jsonl
+
+        def export(out: typing.TextIO) -> int:
+            try:
+                return export_postgres_jsonl(args.db, out)
+            except Exception as exc:  # connection refused, authentication, no table...
+                raise _ExportError(f"cannot read {redact_url(args.db)}: {type(exc).__name__}: "
+                                   f"{scrub(str(exc), args.db)}") from None
     else:
-        with args.out.open("w", encoding="utf-8") as out:
-            count = export_jsonl(args.db, out)
+        from guard.stores.recorder import export_jsonl
+
+        if not Path(args.db).is_file():
+            print(f"refusal-guard export: no database at {args.db}", file=sys.stderr)
+            return 2
+
+        def export(out: typing.TextIO) -> int:
+            return export_jsonl(Path(args.db), out)
+    try:
+        if args.out is None:
+            count = export(sys.stdout)
+        else:
+            with args.out.open("w", encoding="utf-8") as out:
+                count = export(out)
+    except _ExportError as exc:
+        print(f"refusal-guard export: {exc}", file=sys.stderr)
+        return 2
     print(f"exported {count} datapoints", file=sys.stderr)
     return 0
+
+
+class _ExportError(Exception):
+    pass
 
 
 def build_parser() -> argparse.ArgumentParser:

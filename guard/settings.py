@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping
 
 import yaml
-from pydantic import Field, SecretStr, field_validator
+
+from calibration.datapoints import parse_duration
+from calibration.postgres import is_postgres_url
+from pydantic import BeforeValidator, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "REFUSAL_GUARD_"
@@ -47,6 +50,10 @@ class OnProbeFailure(StrEnum):
     PASS = "pass"
     REVIEW = "review"
     BLOCK = "block"
+
+
+#: Seconds, given as a number or a duration such as "30d", "12h", "15m".
+Duration = Annotated[float, BeforeValidator(lambda v: parse_duration(v) if isinstance(v, str) else v)]
 
 
 class Settings(BaseSettings):
@@ -119,7 +126,12 @@ class Settings(BaseSettings):
     circuit_cooldown: float = Field(default=30.0, gt=0)
 
     # --- ground truth, datapoints and live metrics ---------------------------------------
-    datapoints: Path | None = Field(default=Path("refusal-guard-datapoints.sqlite3"))
+    datapoints: Path | SecretStr | None = Field(default=Path("refusal-guard-datapoints.sqlite3"), description=(
+        "Datapoint log: a SQLite file, or a postgresql:// URL (needs the postgres extra; a secret: never logged)."))
+    datapoint_max_age: Duration | None = Field(default=None, gt=0, description=(
+        "Retention: delete datapoints older than this (seconds, or 30d, 12h...); default: keep."))
+    datapoint_max_rows: int | None = Field(default=None, ge=1, description=(
+        "Retention: keep at most this many datapoints (the newest); default: no limit."))
     log_prompts: bool = False
     prompt_hash_key: SecretStr | None = Field(default=None, description=(
         "Key of the HMAC prompt hashes in datapoints; default: generated and kept in prompt_hash_key_file."))
@@ -136,12 +148,32 @@ class Settings(BaseSettings):
     judge_api_key: SecretStr | None = None
     judge_fraction: float = Field(default=0.0, ge=0, le=1)
 
-    @field_validator("upstream", "review_upstream", "review_webhook", "judge_url")
+    # --- process logs ----------------------------------------------------------------------
+    log_format: Literal["text", "json"] = Field(default="text", description=(
+        "text, or json: one JSON object a line, plus one access-log line per request (never prompt text)."))
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    otlp_endpoint: str | None = Field(default=None, description=(
+        "OpenTelemetry: export spans over OTLP/HTTP here, e.g. http://collector:4318/v1/traces (needs the otel extra)."))
+    otel_service_name: str = "refusal-guard"
+
+    @field_validator("upstream", "review_upstream", "review_webhook", "judge_url", "otlp_endpoint")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/") if value else value
+
+    @field_validator("datapoints", mode="before")
+    @classmethod
+    def _database_url_is_secret(cls, value: Any) -> Any:
+        # A database URL may carry a password: hold it as a secret, never as a file name.
+        if isinstance(value, str) and is_postgres_url(value):
+            return SecretStr(value)
+        if isinstance(value, str) and "://" in value:
+            raise ValueError("must be a file path or a postgresql:// URL")
+        if isinstance(value, str):
+            return Path(value) if value.strip() else None
+        return value
 
     @field_validator("upstream_api_key", "review_upstream_api_key", "admin_token", "judge_api_key",
                      "prompt_hash_key", mode="before")

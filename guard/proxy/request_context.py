@@ -16,6 +16,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from guard.errors import error_body
+from guard.logs import AccessLog
+from guard.tracing import Tracing
 from guard.live.metrics import GuardMetrics
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -30,10 +32,13 @@ def request_id_of(scope: Scope) -> str:
 
 
 class RequestContext:
-    def __init__(self, app: ASGIApp, metrics: GuardMetrics, max_header_bytes: int | None = None) -> None:
+    def __init__(self, app: ASGIApp, metrics: GuardMetrics, max_header_bytes: int | None = None,
+                 access_log: AccessLog | None = None, tracing: Tracing | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.max_header_bytes = max_header_bytes
+        self.access_log = access_log
+        self.tracing = tracing or Tracing()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,12 +51,16 @@ class RequestContext:
         route = ROUTES.get(scope["path"], "other")
         status = 500
         response_started = False
+        access = self.access_log.begin() if self.access_log is not None else None
         if self.max_header_bytes is not None and _head_size(scope) > self.max_header_bytes:
             # uvicorn's h11 limit only bounds a head that arrives in several reads; this holds for any head.
             body = error_body(f"request line and headers exceed the limit of {self.max_header_bytes} bytes",
                               type="invalid_request_error", code="request_header_too_large")
             await _send_json(send, 431, body, request_id)
             self.metrics.http_requests.labels(route, "431").inc()
+            if self.access_log is not None:
+                self.access_log.end(access, request_id=request_id, method=scope["method"], route=route, status=431,
+                                    seconds=time.perf_counter() - started)
             return
 
         async def send_with_id(message: Message) -> None:
@@ -66,7 +75,13 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            parent = _trace_headers(scope) if self.tracing.enabled else None
+            with self.tracing.span(f"{scope['method']} {route}", server=True, parent=parent,
+                                   **{"http.route": route, "http.request.method": scope["method"],
+                                      "refusal_guard.request_id": request_id}) as span:
+                await self.app(scope, receive, send_with_id)
+                if span is not None:
+                    span.set_attribute("http.response.status_code", status)
         except ClientDisconnect as exc:
             # The client went away before its request was read: its own doing, counted as 499
             # (client closed request), never a 500 with a traceback.
@@ -79,8 +94,17 @@ class RequestContext:
                 await _send_internal_error(send_with_id)
             status = 500
         finally:
+            elapsed = time.perf_counter() - started
             self.metrics.http_requests.labels(route, str(status)).inc()
-            self.metrics.http_seconds.labels(route).observe(time.perf_counter() - started)
+            self.metrics.http_seconds.labels(route).observe(elapsed)
+            if self.access_log is not None:
+                self.access_log.end(access, request_id=request_id, method=scope["method"], route=route,
+                                    status=status, seconds=elapsed)
+
+
+def _trace_headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+            if k.lower() in (b"traceparent", b"tracestate")}
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -35,6 +35,7 @@ from guard.stores.recorder import clean_model
 from guard.stores.review import ReviewSink
 from guard.truth.scoring import Scorer
 from guard.settings import Mode, Settings
+from guard.tracing import Tracing
 from guard.proxy.upstream import Upstream, UpstreamFailure
 
 
@@ -47,6 +48,7 @@ class Router:
     policies: PolicyStore
     reviews: ReviewSink
     scorer: Scorer
+    tracing: Tracing = field(default_factory=Tracing)
 
     def effective_mode(self) -> Mode:
         mode = self.settings.mode
@@ -60,12 +62,15 @@ class Router:
         headers = self.upstream.forward_headers(incoming, {"x-request-id": request_id})
         pending: asyncio.Task[Generation] | None = None
         if mode in (Mode.PARALLEL, Mode.SHADOW):
-            pending = asyncio.create_task(generate(self.upstream, chat, headers))
+            pending = asyncio.create_task(self._generate(self.upstream, chat, headers))
         try:
             if mode is Mode.OFF:
                 probe = ProbeResult("skipped", None, 0.0)
             else:
-                probe = await self.prober.predict(chat, headers)
+                with self.tracing.span("probe") as span:
+                    probe = await self.prober.predict(chat, self.tracing.inject(headers))
+                    if span is not None:
+                        span.set_attribute("refusal_guard.probe_status", probe.status)
             decision = self._decide(probe)
             applied = decision.action if mode in (Mode.SEQUENTIAL, Mode.PARALLEL) else "pass"
             record = self._record(chat, request_id, mode, probe, decision)
@@ -84,7 +89,7 @@ class Router:
                     pending = None
                     headers = target.forward_headers(incoming, {"x-request-id": request_id})
             try:
-                generation = await pending if pending is not None else await generate(target, chat, headers)
+                generation = await pending if pending is not None else await self._generate(target, chat, headers)
             except UpstreamFailure as failure:
                 self.scorer.submit(record, failed_exchange(failure, started), started)
                 raise
@@ -96,6 +101,11 @@ class Router:
             return respond(generation, guard_headers, on_done, label_max_chars=self.settings.label_max_chars)
         finally:
             await _cancel(pending)  # the client left, or an error: never leave a generation running
+
+    async def _generate(self, target: Upstream, chat: ChatRequest, headers: Mapping[str, str]) -> Generation:
+        """The upstream call in its own span (to the response head; a stream goes on after it)."""
+        with self.tracing.span("generation"):
+            return await generate(target, chat, self.tracing.inject(headers))
 
     def _decide(self, probe: ProbeResult) -> Decision:
         if probe.prediction is not None:

@@ -32,11 +32,13 @@ import os
 import re
 import secrets
 import sqlite3
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
 from calibration.datapoints import FIELDS, OPTIONAL_FIELDS, SQLITE_DDL
 from guard.live.metrics import GuardMetrics
+from guard.stores.sink import Retention, drain_batches, offer
 
 COLUMNS = FIELDS + OPTIONAL_FIELDS
 log = logging.getLogger("refusal_guard")
@@ -105,9 +107,11 @@ def _read_key(path: Path) -> bytes:
     return text.encode("utf-8")
 
 
-def default_key_file(datapoints: Path | None) -> Path | None:
-    """Where a generated key is kept: beside the datapoint log (none without a log)."""
-    return datapoints.with_name(datapoints.name + ".key") if datapoints is not None else None
+def default_key_file(datapoints: Any) -> Path | None:
+    """Where a generated key is kept: beside a SQLite datapoint log. None without a local file (no
+    log, or a database URL): then a fresh key per process, so replicas writing one database need a
+    shared ``prompt_hash_key`` for repeats of a prompt to group in calibration."""
+    return datapoints.with_name(datapoints.name + ".key") if isinstance(datapoints, Path) else None
 
 
 def open_database(path: Path) -> sqlite3.Connection:
@@ -130,8 +134,10 @@ def _row(record: dict[str, Any]) -> tuple[Any, ...]:
 
 class DatapointRecorder:
     def __init__(self, path: Path | None, metrics: GuardMetrics, *, queue_size: int = 10_000,
-                 batch_size: int = 500, flush_interval: float = 0.25, hasher: PromptHasher | None = None) -> None:
+                 batch_size: int = 500, flush_interval: float = 0.25, retention: Retention = Retention(),
+                 hasher: PromptHasher | None = None) -> None:
         self.path = path
+        self.retention = retention
         #: Keyed hash of prompt text for the records' ``id`` and ``prompt_sha256``.
         self.hash_prompt = hasher or PromptHasher(load_hash_key(None, None))
         self.metrics = metrics
@@ -146,10 +152,7 @@ class DatapointRecorder:
     def put(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
-        try:
-            self._queue.put_nowait(record)
-        except asyncio.QueueFull:
-            self.metrics.datapoints_dropped.inc()
+        offer(self._queue, record, self.metrics)
 
     async def start(self) -> None:
         if self.path is None:
@@ -167,32 +170,42 @@ class DatapointRecorder:
         self._db = None
 
     async def _drain(self) -> None:
-        while True:
-            if self._queue.empty():
-                if self._closing:
-                    return
-                try:
-                    async with asyncio.timeout(self.flush_interval):
-                        batch = [await self._queue.get()]
-                except TimeoutError:
-                    continue
-                if not self._closing:
-                    await asyncio.sleep(self.flush_interval)  # let a batch gather
-            else:
-                batch = []
-            while len(batch) < self.batch_size and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                await asyncio.to_thread(self._write, batch)
-            except (sqlite3.Error, ValueError, TypeError) as exc:  # a bad value must not end the drain task
-                log.error("could not write %d datapoints: %s", len(batch), exc)
-                self.metrics.datapoints_dropped.inc(len(batch))
+        await drain_batches(
+            self._queue, lambda batch: asyncio.to_thread(self._write, batch), metrics=self.metrics,
+            closing=lambda: self._closing, batch_size=self.batch_size, flush_interval=self.flush_interval,
+            drop_on=(sqlite3.Error, ValueError, TypeError),
+            maintain=(lambda: asyncio.to_thread(self._prune)) if self.retention.active else None,
+            maintain_every=self.retention.interval,
+        )
 
     def _write(self, batch: list[dict[str, Any]]) -> None:
         assert self._db is not None
         with self._db:
             self._db.executemany(_INSERT, [_row(r) for r in batch])
         self.written += len(batch)
+
+    def _prune(self) -> int:
+        """Delete rows past the retention (oldest first, by ``seq``); return how many went."""
+        assert self._db is not None
+        return prune_sqlite(self._db, self.retention)
+
+
+def prune_sqlite(db: sqlite3.Connection, retention: Retention) -> int:
+    """Apply ``retention`` to an open datapoint database; ``seq`` order is write order."""
+    cut = 0
+    if retention.max_age is not None:
+        cutoff = (datetime.now(timezone.utc) - timedelta(seconds=retention.max_age)).isoformat(timespec="milliseconds")
+        first_kept = db.execute("SELECT seq FROM datapoints WHERE ts >= ? ORDER BY seq LIMIT 1", (cutoff,)).fetchone()
+        last = db.execute("SELECT max(seq) FROM datapoints").fetchone()[0]
+        cut = first_kept[0] if first_kept else (last + 1 if last is not None else 0)
+    if retention.max_rows is not None:
+        row = db.execute("SELECT seq FROM datapoints ORDER BY seq DESC LIMIT 1 OFFSET ?", (retention.max_rows,)).fetchone()
+        if row is not None:
+            cut = max(cut, row[0] + 1)
+    if not cut:
+        return 0
+    with db:
+        return db.execute("DELETE FROM datapoints WHERE seq < ?", (cut,)).rowcount
 
 
 def export_jsonl(database: Path, out: TextIO) -> int:

@@ -12,12 +12,14 @@ import asyncio
 import time
 from typing import Any
 
+from guard.logs import annotate
+from guard.tracing import Tracing
 from guard.truth.detector import RefusalDetector, is_refusal
 from guard.proxy.forward import Exchange
 from guard.truth.judge import RefusalJudge
 from guard.live.windows import LiveStats
 from guard.live.metrics import GuardMetrics
-from guard.stores.recorder import DatapointRecorder
+from guard.stores.sink import DatapointSink
 
 UPSTREAM_ERROR_REASONS = frozenset({"connect", "timeout", "protocol", "too_large", "status_4xx", "status_5xx"})
 
@@ -27,12 +29,13 @@ class Scorer:
         self,
         detector: RefusalDetector,
         live: LiveStats,
-        recorder: DatapointRecorder,
+        recorder: DatapointSink,
         metrics: GuardMetrics,
         *,
         topics: tuple[str, ...],
         strict: bool,
         judge: RefusalJudge | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.detector = detector
         self.live = live
@@ -41,10 +44,15 @@ class Scorer:
         self.topics = frozenset(topics)
         self.strict = strict
         self.judge = judge
+        self.tracing = tracing or Tracing()
         self._audits: set[asyncio.Task[None]] = set()
 
     def submit(self, record: dict[str, Any], exchange: Exchange | None, started: float) -> None:
         """Complete ``record`` with the outcome and timings, then count and log it."""
+        with self.tracing.span("scoring", **{"refusal_guard.action": record["action"]}):
+            self._submit(record, exchange, started)
+
+    def _submit(self, record: dict[str, Any], exchange: Exchange | None, started: float) -> None:
         total = time.perf_counter() - started
         record["total_ms"] = round(total * 1000, 3)
         overhead = total
@@ -56,6 +64,8 @@ class Scorer:
                 self.metrics.upstream_errors.labels(exchange.error).inc()
         self.metrics.overhead_seconds.observe(overhead)
         self.metrics.requests.labels(record["action"], record["mode"]).inc()
+        annotate(action=record["action"], mode=record["mode"], probe_status=record.get("probe_status"),
+                 probe_ms=record.get("probe_ms"), upstream_ms=record.get("upstream_ms"))
 
         text = exchange.text if exchange is not None else None
         label = self.detector.label(text) if text is not None else None
