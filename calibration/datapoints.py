@@ -366,6 +366,8 @@ class _Builder:
         self.cols["will_refuse"].append(rep(np.array(col("will_refuse"), dtype=bool)))
         self.cols["refused"].append(rep(np.array(col("refused"), dtype=bool)))
         self.cols["confidence"].append(rep(np.array(col("confidence"), dtype=np.int8)))
+        self.cols["p_refuse_logprob"].append(rep(np.array([np.nan if v is None else v for v in col("p_refuse_logprob")],
+                                                          np.float64)))
         self.models.update(m for m in set(col("model")) if m is not None)
         self.templates.update(t for t in set(col("probe_template")) if t is not None)
 

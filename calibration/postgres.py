@@ -7,8 +7,10 @@ nothing is dropped).
 
 :func:`read_postgres_groups` never moves rows into Python: the database returns one row per
 (prompt cluster, topic, harm level, harm rating, prediction, confidence, outcome, model,
-probe template) with its count and the first ``seq`` it was seen at, plus one row per reason
-a row is unusable. ``calibration.datapoints`` expands these counts into the columnar table
+probe template, ``p_refuse_logprob``) with its count and the first ``seq`` it was seen at, plus
+one row per reason a row is unusable. The logprob is continuous, so where probes return it
+nearly every row is its own group: the aggregation then saves little, but calibration sees the
+same values as from a file export (the continuous score uses them). ``calibration.datapoints`` expands these counts into the columnar table
 calibration consumes, in the same first-seen order the file readers produce.
 """
 
@@ -105,10 +107,12 @@ _SOURCE = f"""
 """
 _GROUPS = """
     SELECT cluster, topic, harm_level, harm_rating, will_refuse, confidence, refused, model, probe_template,
+           p_refuse_logprob,
            count(*) AS n, min(seq) AS first
     FROM src
     WHERE NOT dup AND invalid IS NULL AND will_refuse IS NOT NULL AND confidence IS NOT NULL AND refused IS NOT NULL
-    GROUP BY cluster, topic, harm_level, harm_rating, will_refuse, confidence, refused, model, probe_template
+    GROUP BY cluster, topic, harm_level, harm_rating, will_refuse, confidence, refused, model, probe_template,
+             p_refuse_logprob
     ORDER BY first
 """
 _UNUSABLE = """
