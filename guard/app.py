@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from guard.proxy.chat_request import parse_chat_request
+from guard.apis import GUARDED_APIS, Api
+from guard.proxy import passthrough
 from guard.truth.detector import RefusalDetector
 from guard.errors import ProxyError, error_body
 from guard.truth.judge import RefusalJudge
@@ -107,9 +108,16 @@ METRICS_OPENAPI: dict[str, Any] = {
                           "content": {"text/plain": {"schema": {"type": "string"}}}}},
 }
 READYZ_OPENAPI: dict[str, Any] = {
-    "responses": {"503": {"description": "Not ready: upstream unreachable or unhealthy, or draining",
+    "parameters": [{"name": "upstream", "in": "query", "required": False, "schema": {"type": "string", "enum": ["1"]},
+                    "description": "Also ask the upstream (GET /models); 503 if it is unreachable or unhealthy"}],
+    "responses": {"503": {"description": "Not ready: draining (or, with upstream=1, the upstream is down)",
                           "content": {"application/json": {"schema": {"type": "object"}}}}},
 }
+API_OPENAPI: dict[str, Any] = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+    "responses": CHAT_OPENAPI["responses"],
+}
+FORWARD_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
 @dataclass
@@ -164,11 +172,15 @@ def create_app(
                     if previous is not None:
                         stack.callback(signal.signal, signum, previous)
             app.state.runtime = runtime
+            if settings.upstream_check_interval > 0:
+                watcher = asyncio.create_task(watch_upstream(runtime, settings.upstream_check_interval))
+                stack.callback(watcher.cancel)
             freeze_startup_heap()
             yield
             runtime.draining = True
 
     app = FastAPI(title="refusal-guard", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.router.redirect_slashes = False  # RequestContext trims a trailing slash: same route, no redirect
     app.add_middleware(RequestContext, metrics=metrics, max_header_bytes=settings.max_header_bytes)
 
     @app.exception_handler(StarletteHTTPException)
@@ -181,16 +193,9 @@ def create_app(
     async def _proxy_error(request: Request, exc: ProxyError) -> Response:
         return Response(exc.body(), status_code=exc.status, media_type="application/json")
 
-    @app.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
-    async def chat_completions(request: Request) -> Response:
-        runtime: Runtime = request.app.state.runtime
-        try:
-            check_api_key(request, runtime.settings)
-            chat = parse_chat_request(await read_body(request, runtime.settings.max_body_bytes))
-        except ProxyError:
-            runtime.metrics.requests.labels("invalid", runtime.router.effective_mode().value).inc()
-            raise
-        return await runtime.router.handle(chat, request.headers, request_id_of(request.scope))
+    for api in GUARDED_APIS:
+        app.add_api_route("/v1" + api.path, guarded_handler(api), methods=["POST"], name=api.name,
+                          openapi_extra=CHAT_OPENAPI if api.name == "chat" else API_OPENAPI)
 
     @app.post("/admin/policy/reload", openapi_extra=ADMIN_OPENAPI)
     async def admin_reload(request: Request) -> Response:
@@ -200,13 +205,6 @@ def create_app(
         return JSONResponse({"ok": result.ok, "message": result.message, "version": result.version},
                             status_code=200 if result.ok else 422)
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        runtime: Runtime = request.app.state.runtime
-        check_api_key(request, runtime.settings)
-        headers = runtime.upstream.forward_headers(request.headers, {"x-request-id": request_id_of(request.scope)})
-        answer = await runtime.upstream.request("GET", "/models", headers=headers, timeout=runtime.settings.read_timeout)
-        return Response(answer.body, status_code=answer.status, headers=answer.headers)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -214,20 +212,21 @@ def create_app(
 
     @app.get("/readyz", openapi_extra=READYZ_OPENAPI)
     async def readyz(request: Request) -> Response:
+        """The guard's own readiness (started, policy loaded, not draining): an upstream outage must
+        not take every replica out of a Service at once (clients would get connection errors instead
+        of the guard's 502). ``?upstream=1`` also asks the upstream."""
         runtime: Runtime = request.app.state.runtime
         if runtime.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        try:
-            answer = await runtime.upstream.request(
-                "GET", "/models", headers=runtime.upstream.forward_headers({}), timeout=runtime.settings.connect_timeout
-            )
-        except UpstreamFailure as failure:
-            return JSONResponse({"status": "upstream unreachable", "reason": failure.reason}, status_code=503)
+        ready = {"status": "ready", "policy_version": runtime.policies.current.version}
+        if request.query_params.get("upstream") not in ("1", "true"):
+            return JSONResponse(ready)
+        health = await check_upstream(runtime)
         if runtime.draining:  # SIGTERM arrived while the upstream was being asked
             return JSONResponse({"status": "draining"}, status_code=503)
-        if answer.status >= 500:
-            return JSONResponse({"status": "upstream unhealthy", "upstream_status": answer.status}, status_code=503)
-        return JSONResponse({"status": "ready"})
+        if health["upstream"] != "ok":
+            return JSONResponse({**health, "status": f"upstream {health['upstream']}"}, status_code=503)
+        return JSONResponse({**ready, **health})
 
     @app.get("/metrics", openapi_extra=METRICS_OPENAPI)
     async def prometheus_metrics(request: Request) -> Response:
@@ -236,7 +235,53 @@ def create_app(
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    @app.api_route("/v1/{path:path}", methods=FORWARD_METHODS, include_in_schema=False)
+    async def forwarded(request: Request) -> Response:
+        runtime: Runtime = request.app.state.runtime
+        check_api_key(request, runtime.settings)
+        return await passthrough.forward(request, runtime.upstream, runtime.metrics)
+
     return app
+
+
+def guarded_handler(api: Api) -> Any:
+    """The handler of one guarded API: authenticate, read and parse the body, then the request path."""
+
+    async def handle(request: Request) -> Response:
+        runtime: Runtime = request.app.state.runtime
+        try:
+            check_api_key(request, runtime.settings)
+            parsed = api.parse(await read_body(request, runtime.settings.max_body_bytes))
+        except ProxyError:
+            runtime.metrics.requests.labels("invalid", runtime.router.effective_mode().value).inc()
+            raise
+        return await runtime.router.handle(parsed, request.headers, request_id_of(request.scope),
+                                           request.scope.get("query_string", b""))
+
+    return handle
+
+
+async def check_upstream(runtime: Runtime) -> dict[str, Any]:
+    """Ask the upstream for ``/models``; set ``refusal_guard_upstream_up``. The answer names no host."""
+    try:
+        answer = await runtime.upstream.request("GET", "/models", headers=runtime.upstream.forward_headers({}),
+                                                timeout=runtime.settings.connect_timeout)
+    except UpstreamFailure as failure:
+        runtime.metrics.upstream_up.set(0)
+        return {"upstream": "unreachable", "reason": failure.reason}
+    healthy = answer.status < 500 and answer.status != 404
+    runtime.metrics.upstream_up.set(1 if healthy else 0)
+    health: dict[str, Any] = {"upstream": "ok" if healthy else "unhealthy", "upstream_status": answer.status}
+    if answer.status == 404:
+        health["hint"] = "the upstream has no /models: does the upstream URL end in /v1?"
+    return health
+
+
+async def watch_upstream(runtime: Runtime, interval: float) -> None:
+    """Keep ``refusal_guard_upstream_up`` current while the process runs."""
+    while True:
+        await check_upstream(runtime)
+        await asyncio.sleep(interval)
 
 
 def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.AsyncClient) -> Runtime:

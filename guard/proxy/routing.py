@@ -1,4 +1,4 @@
-"""One guarded chat request, top to bottom: probe, decide, act, then score off the path.
+"""One guarded request (chat, completions or responses: ``guard.apis``), top to bottom: probe, decide, act, then score off the path.
 
 Modes (``Settings.mode``):
 
@@ -25,8 +25,8 @@ from typing import Any
 
 from starlette.responses import Response
 
+from guard.apis.base import GuardedRequest
 from guard.proxy.blocked import blocked_response
-from guard.proxy.chat_request import ChatRequest
 from guard.proxy.forward import Exchange, Generation, failed_exchange, generate, respond
 from guard.probe.policy import Decision, PolicyStore
 from guard.probe.template import TEMPLATE_REF, probed_content
@@ -34,6 +34,7 @@ from guard.probe.prober import Prober, ProbeResult
 from guard.stores.review import ReviewSink
 from guard.truth.scoring import Scorer
 from guard.settings import Mode, Settings
+from guard.proxy.request_context import id_headers
 from guard.proxy.upstream import Upstream, UpstreamFailure
 
 
@@ -53,13 +54,15 @@ class Router:
             return Mode.SHADOW
         return mode
 
-    async def handle(self, chat: ChatRequest, incoming: Mapping[str, str], request_id: str) -> Response:
+    async def handle(self, chat: GuardedRequest, incoming: Mapping[str, str], request_id: str,
+                     query: bytes = b"") -> Response:
         started = time.perf_counter()
         mode = self.effective_mode()
-        headers = self.upstream.forward_headers(incoming, {"x-request-id": request_id})
+        ids = id_headers(incoming, request_id)
+        headers = self.upstream.forward_headers(incoming, ids)
         pending: asyncio.Task[Generation] | None = None
         if mode in (Mode.PARALLEL, Mode.SHADOW):
-            pending = asyncio.create_task(generate(self.upstream, chat, headers))
+            pending = asyncio.create_task(generate(self.upstream, chat, headers, query))
         try:
             if mode is Mode.OFF:
                 probe = ProbeResult("skipped", None, 0.0)
@@ -81,9 +84,9 @@ class Router:
                     target = self.review_upstream
                     await _cancel(pending)
                     pending = None
-                    headers = target.forward_headers(incoming, {"x-request-id": request_id})
+                    headers = target.forward_headers(incoming, ids)
             try:
-                generation = await pending if pending is not None else await generate(target, chat, headers)
+                generation = await pending if pending is not None else await generate(target, chat, headers, query)
             except UpstreamFailure as failure:
                 self.scorer.submit(record, failed_exchange(failure, started), started)
                 raise
@@ -103,7 +106,7 @@ class Router:
             return Decision("pass", None)  # no probe was asked for (mode off)
         return Decision(self.settings.on_probe_failure.value, None)
 
-    def _record(self, chat: ChatRequest, request_id: str, mode: Mode, probe: ProbeResult,
+    def _record(self, chat: GuardedRequest, request_id: str, mode: Mode, probe: ProbeResult,
                 decision: Decision) -> dict[str, Any]:
         """The datapoint fields known before the answer (schema: ``calibration.datapoints``)."""
         content = probed_content(chat, "last_user")
@@ -128,6 +131,8 @@ class Router:
             "policy_version": self.policies.current.version,
             "probe_template": TEMPLATE_REF,
             "prompt_sha256": prompt_sha,
+            "route": chat.api.name,
+            "context": chat.context or None,
         }
         if self.settings.log_prompts:
             record["prompt"] = content

@@ -43,9 +43,15 @@ class ContentCollector:
         for choice in event.get("choices") or ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") or {}
-            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                self._parts.append(delta["content"])
+            text = self.choice_text(choice)
+            if isinstance(text, str):
+                self._parts.append(text)
+
+    @staticmethod
+    def choice_text(choice: dict) -> object:
+        """The text one streamed choice adds (chat: ``delta.content``)."""
+        delta = choice.get("delta")
+        return delta.get("content") if isinstance(delta, dict) else None
 
     @property
     def text(self) -> str:

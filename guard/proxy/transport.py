@@ -85,7 +85,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeout = request.extensions.get("timeout", {})
-        body = request.content or None  # httpx has already read the body (the proxy sends bytes)
+        try:
+            body: bytes | httpx.AsyncByteStream | None = request.content or None  # bytes, read by httpx
+        except httpx.RequestNotRead:
+            body = request.stream  # a streamed body (the pass-through): sent as it arrives
         with _as_httpx_errors(request):
             response = await self._open().request(
                 request.method,

@@ -8,7 +8,7 @@ with a ``reason`` label for metrics) in exactly one place, ``_translate``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -46,11 +46,12 @@ class UpstreamFailure(ProxyError):
 
 
 def _translate(exc: httpx.HTTPError | TimeoutError) -> UpstreamFailure:
+    # Only the exception's type reaches the client: its text names the upstream's host and port.
     if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
         return UpstreamFailure(upstream_timeout(type(exc).__name__), "timeout")
     if isinstance(exc, httpx.ConnectError):
-        return UpstreamFailure(upstream_unreachable(str(exc) or type(exc).__name__), "connect")
-    return UpstreamFailure(upstream_protocol(str(exc) or type(exc).__name__), "protocol")
+        return UpstreamFailure(upstream_unreachable(type(exc).__name__), "connect")
+    return UpstreamFailure(upstream_protocol(type(exc).__name__), "protocol")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,10 @@ class Upstream:
         self.api_key = api_key
         self.total_timeout = total_timeout
 
+    def url(self, path: str, query: bytes = b"") -> str:
+        """``path`` under the base URL, with the client's query string (e.g. Azure's ``api-version``)."""
+        return self.base_url + path + ("?" + query.decode("latin-1") if query else "")
+
     def forward_headers(self, incoming: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The client's headers minus hop-by-hop ones; our key replaces theirs if configured."""
         headers = {k: v for k, v in incoming.items() if k.lower() not in HOP_BY_HOP}
@@ -100,21 +105,29 @@ class Upstream:
         headers: Mapping[str, str],
         content: bytes | None = None,
         timeout: float | None = None,
+        query: bytes = b"",
     ) -> UpstreamResponse:
         """A whole exchange, bounded by ``timeout`` (default: the total timeout)."""
         try:
             async with asyncio.timeout(timeout or self.total_timeout):
-                response = await self.client.request(method, self.base_url + path, headers=headers, content=content)
+                response = await self.client.request(method, self.url(path, query), headers=headers, content=content)
         except (httpx.HTTPError, TimeoutError) as exc:
             raise _translate(exc) from None
         return UpstreamResponse(response.status_code, response_headers(response.headers), response.content)
 
-    async def open_stream(self, path: str, *, headers: Mapping[str, str], content: bytes) -> httpx.Response:
-        """Send a request and return once the response headers are in; the body is unread.
-
-        The caller must ``aclose()`` the response (``relay`` does).
+    async def open_stream(
+        self,
+        path: str,
+        *,
+        headers: Mapping[str, str],
+        content: bytes | AsyncIterable[bytes] | None,
+        method: str = "POST",
+        query: bytes = b"",
+    ) -> httpx.Response:
+        """Send a request (its body whole or streamed) and return once the response headers are
+        in; the body is unread. The caller must ``aclose()`` the response (``relay`` does).
         """
-        request = self.client.build_request("POST", self.base_url + path, headers=headers, content=content)
+        request = self.client.build_request(method, self.url(path, query), headers=headers, content=content)
         try:
             async with asyncio.timeout(self.total_timeout):
                 return await self.client.send(request, stream=True)

@@ -1,0 +1,88 @@
+"""``POST /v1/chat/completions``: the chat API's reading of requests and answers, and its block."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from guard.apis.base import (
+    GuardedRequest,
+    choice_count,
+    include_usage,
+    json_object,
+    model_of,
+    optional,
+    parts_text,
+    require_unicode,
+)
+from guard.errors import bad_request
+from guard.proxy.sse import ContentCollector, completion_text, sse_event
+
+_TEXT = frozenset({"text"})
+ZERO_USAGE = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+
+
+def message_text(message: dict[str, Any]) -> str:
+    """The text of one message; array content keeps only its text parts."""
+    return parts_text(message.get("content"), _TEXT)
+
+
+class ChatApi:
+    name = "chat"
+    path = "/chat/completions"
+
+    def parse(self, raw: bytes) -> GuardedRequest:
+        """The parsed request, or a 400 :class:`~guard.errors.ProxyError` (no stricter than OpenAI)."""
+        body = json_object(raw)
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad_request("'messages' must be a non-empty array", param="messages")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise bad_request(f"messages[{i}] must be an object with a string 'role'", param=f"messages[{i}]")
+            content = message.get("content")
+            if content is not None and not isinstance(content, (str, list)):
+                raise bad_request(f"messages[{i}].content must be a string or an array", param=f"messages[{i}].content")
+            if isinstance(content, list) and any(
+                isinstance(part, dict) and part.get("type") == "text" and not isinstance(part.get("text"), str)
+                for part in content
+            ):
+                raise bad_request(f"a text part of messages[{i}].content must have a string 'text'",
+                                  param=f"messages[{i}].content")
+            require_unicode(message["role"], message_text(message), where=f"messages[{i}]")
+        tools = optional(body, "tools", list, [])
+        return GuardedRequest(self, raw, body, model_of(body), messages, [t for t in tools if isinstance(t, dict)],
+                              stream=optional(body, "stream", bool, False), include_usage=include_usage(body),
+                              choices=choice_count(body))
+
+    def answer_text(self, body: bytes) -> str | None:
+        return completion_text(body)
+
+    def collector(self) -> ContentCollector:
+        return ContentCollector()
+
+    def block_body(self, request: GuardedRequest, *, request_id: str, message: str) -> dict[str, Any]:
+        return {
+            **_base(request, request_id), "object": "chat.completion",
+            "choices": [{"index": i, "message": {"role": "assistant", "content": message}, "logprobs": None,
+                         "finish_reason": "content_filter"} for i in range(request.choices)],
+            "usage": ZERO_USAGE,
+        }
+
+    def block_events(self, request: GuardedRequest, *, request_id: str, message: str) -> list[bytes]:
+        chunk = {**_base(request, request_id), "object": "chat.completion.chunk"}
+        indexes = range(request.choices)
+        events = [sse_event({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": message},
+                                                   "finish_reason": None}]}) for i in indexes]
+        events += [sse_event({**chunk, "choices": [{"index": i, "delta": {}, "finish_reason": "content_filter"}]})
+                   for i in indexes]
+        if request.include_usage:
+            events.append(sse_event({**chunk, "choices": [], "usage": ZERO_USAGE}))
+        return [*events, sse_event("[DONE]")]
+
+
+def _base(request: GuardedRequest, request_id: str) -> dict[str, Any]:
+    return {"id": f"chatcmpl-rg-{request_id}", "created": int(time.time()), "model": request.model or "refusal-guard"}
+
+
+CHAT = ChatApi()
