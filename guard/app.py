@@ -44,9 +44,9 @@ from guard.proxy.upstream import Upstream, UpstreamFailure
 
 log = logging.getLogger("refusal_guard")
 
-# OpenAPI descriptions (``/openapi.json``) of what the handlers check themselves: the chat handler
-# reads the raw body (it forwards it byte for byte), so its schema is given here, exactly as strict
-# as ``guard.proxy.chat_request.parse_chat_request`` and no stricter (unknown fields are forwarded).
+# OpenAPI descriptions of what the handlers check themselves: the guarded handlers read the raw
+# body (it is forwarded byte for byte), so each API's schema (``api.request_schema``) is given here,
+# exactly as strict as its ``parse`` and no stricter (unknown fields are forwarded).
 _ERROR_SCHEMA = {
     "type": "object",
     "required": ["error"],
@@ -57,30 +57,6 @@ _ERROR_SCHEMA = {
                        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
     }},
 }
-CHAT_REQUEST_SCHEMA = {
-    "type": "object",
-    "required": ["messages"],
-    "properties": {
-        "model": {"type": ["string", "null"]},
-        "messages": {"type": "array", "minItems": 1, "items": {
-            "type": "object",
-            "required": ["role"],
-            "properties": {
-                "role": {"type": "string", "examples": ["system", "user", "assistant", "tool"]},
-                "content": {"anyOf": [
-                    {"type": "string"},
-                    {"type": "array", "items": {  # parts other than text ones are forwarded unread
-                        "if": {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}},
-                        "then": {"properties": {"text": {"type": "string"}}},
-                    }},
-                    {"type": "null"},
-                ]},
-            },
-        }},
-        "stream": {"type": "boolean"},
-        "stream_options": {"type": ["object", "null"], "examples": [{"include_usage": True}]},
-    },
-}
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
@@ -88,14 +64,22 @@ def _errors(*statuses: int) -> dict[str, Any]:
                      "content": {"application/json": {"schema": _ERROR_SCHEMA}}} for s in statuses}
 
 
-CHAT_OPENAPI: dict[str, Any] = {
-    "requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}}},
-    "responses": {
-        "200": {"description": "The upstream's completion (or the guard's block answer), whole or as SSE",
-                "content": {"application/json": {"schema": {"type": "object"}},
-                            "text/event-stream": {"schema": {"type": "string"}}}},
-        **_errors(400, 401, 413, 502, 504),
-    },
+def api_openapi(api: Api) -> dict[str, Any]:
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": api.request_schema}}},
+        "responses": {
+            "200": {"description": "The upstream's answer (or the guard's block answer), whole or as SSE",
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": {"type": "string"}}}},
+            **_errors(400, 401, 413, 502, 504),
+        },
+    }
+
+
+MODELS_OPENAPI: dict[str, Any] = {
+    "responses": {"200": {"description": "The upstream's model list, forwarded unchanged",
+                          "content": {"application/json": {"schema": {"type": "object"}}}},
+                  **_errors(401, 502, 504)},
 }
 ADMIN_OPENAPI: dict[str, Any] = {
     "responses": {"200": {"description": "Policy reloaded", "content": {"application/json": {"schema": {"type": "object"}}}},
@@ -112,10 +96,6 @@ READYZ_OPENAPI: dict[str, Any] = {
                     "description": "Also ask the upstream (GET /models); 503 if it is unreachable or unhealthy"}],
     "responses": {"503": {"description": "Not ready: draining (or, with upstream=1, the upstream is down)",
                           "content": {"application/json": {"schema": {"type": "object"}}}}},
-}
-API_OPENAPI: dict[str, Any] = {
-    "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
-    "responses": CHAT_OPENAPI["responses"],
 }
 FORWARD_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
@@ -195,7 +175,7 @@ def create_app(
 
     for api in GUARDED_APIS:
         app.add_api_route("/v1" + api.path, guarded_handler(api), methods=["POST"], name=api.name,
-                          openapi_extra=CHAT_OPENAPI if api.name == "chat" else API_OPENAPI)
+                          openapi_extra=api_openapi(api))
 
     @app.post("/admin/policy/reload", openapi_extra=ADMIN_OPENAPI)
     async def admin_reload(request: Request) -> Response:
@@ -235,11 +215,13 @@ def create_app(
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.api_route("/v1/{path:path}", methods=FORWARD_METHODS, include_in_schema=False)
     async def forwarded(request: Request) -> Response:
         runtime: Runtime = request.app.state.runtime
         check_api_key(request, runtime.settings)
         return await passthrough.forward(request, runtime.upstream, runtime.metrics)
+
+    app.add_api_route("/v1/models", forwarded, methods=["GET"], openapi_extra=MODELS_OPENAPI)  # documented
+    app.add_api_route("/v1/{path:path}", forwarded, methods=FORWARD_METHODS, include_in_schema=False)
 
     return app
 

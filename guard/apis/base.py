@@ -30,6 +30,7 @@ class StreamText(Protocol):
 class Api(Protocol):
     name: str  # the route label in datapoints and metrics: chat | completions | responses
     path: str  # under the upstream's base URL (and under /v1 on the guard)
+    request_schema: dict[str, Any]  # JSON schema of what ``parse`` accepts (the OpenAPI document's)
 
     def parse(self, raw: bytes) -> GuardedRequest: ...
 

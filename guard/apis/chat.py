@@ -27,9 +27,37 @@ def message_text(message: dict[str, Any]) -> str:
     return parts_text(message.get("content"), _TEXT)
 
 
+REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["messages"],
+    "properties": {
+        "model": {"type": ["string", "null"]},
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object",
+            "required": ["role"],
+            "properties": {
+                "role": {"type": "string", "examples": ["system", "user", "assistant", "tool"]},
+                "content": {"anyOf": [
+                    {"type": "string"},
+                    {"type": "array", "items": {  # parts other than text ones are forwarded unread
+                        "if": {"type": "object", "required": ["type"], "properties": {"type": {"const": "text"}}},
+                        "then": {"properties": {"text": {"type": "string"}}},
+                    }},
+                    {"type": "null"},
+                ]},
+            },
+        }},
+        "stream": {"type": ["boolean", "null"]},
+        "stream_options": {"type": ["object", "null"], "examples": [{"include_usage": True}]},
+        "tools": {"type": ["array", "null"]},
+    },
+}
+
+
 class ChatApi:
     name = "chat"
     path = "/chat/completions"
+    request_schema = REQUEST_SCHEMA
 
     def parse(self, raw: bytes) -> GuardedRequest:
         """The parsed request, or a 400 :class:`~guard.errors.ProxyError` (no stricter than OpenAI)."""

@@ -20,9 +20,24 @@ class CompletionsText(ContentCollector):
         return choice.get("text")
 
 
+_TOKENS = {"type": "array", "minItems": 1, "items": {"type": "integer"}}
+REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["prompt"],
+    "properties": {
+        "model": {"type": ["string", "null"]},
+        "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                             _TOKENS, {"type": "array", "minItems": 1, "items": _TOKENS}]},
+        "stream": {"type": ["boolean", "null"]},
+        "stream_options": {"type": ["object", "null"]},
+    },
+}
+
+
 class CompletionsApi:
     name = "completions"
     path = "/completions"
+    request_schema = REQUEST_SCHEMA
 
     def parse(self, raw: bytes) -> GuardedRequest:
         body = json_object(raw)
@@ -66,11 +81,15 @@ def _prompts(prompt: Any) -> list[str]:
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             return list(prompt)
-        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        if _token_ids(prompt):
             return [""]
-        if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+        if all(_token_ids(p) for p in prompt):
             return [""] * len(prompt)
     raise bad_request("'prompt' must be a string, an array of strings, or token ids", param="prompt")
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 def _base(request: GuardedRequest, request_id: str) -> dict[str, Any]:

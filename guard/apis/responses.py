@@ -48,9 +48,23 @@ class ResponsesText(ContentCollector):
             self.error = error if isinstance(error, dict) else {"message": str(error)}
 
 
+REQUEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "model": {"type": ["string", "null"]},
+        "instructions": {"type": ["string", "null"]},
+        "input": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}, {"type": "null"}]},
+        "tools": {"type": ["array", "null"]},
+        "stream": {"type": ["boolean", "null"]},
+        "previous_response_id": {"type": ["string", "null"]},
+    },
+}
+
+
 class ResponsesApi:
     name = "responses"
     path = "/responses"
+    request_schema = REQUEST_SCHEMA
 
     def parse(self, raw: bytes) -> GuardedRequest:
         body = json_object(raw)
@@ -72,6 +86,7 @@ class ResponsesApi:
             messages.append({"role": "user", "content": ""})
         require_unicode(instructions or "", where="instructions")
         tools = [_as_chat_tool(t) for t in optional(body, "tools", list, []) if isinstance(t, dict)]
+        optional(body, "previous_response_id", str, None)
         context = {k: body[k] for k in ("previous_response_id", "conversation") if body.get(k) is not None}
         return GuardedRequest(self, raw, body, model_of(body), messages, tools,
                               stream=optional(body, "stream", bool, False), context=context)
