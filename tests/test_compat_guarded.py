@@ -17,6 +17,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from guard.apis import GUARDED_APIS
+from guard.errors import ProxyError
 
 REFUSAL = "I'm sorry, but I can't help with that request. It could cause harm."
 
@@ -187,3 +192,38 @@ def test_probe_sees_responses_instructions_items_and_tools(start_proxy, script):
     assert [m["role"] for m in shown] == ["system", "system", "assistant", "tool", "user"]
     assert shown[0]["content"] == "Be terse." and shown[-1]["content"] == "And the capital of Peru?"
     assert shown[3]["content"] == "42"
+
+
+KEYS = ["type", "role", "content", "text", "input", "prompt", "instructions", "messages", "tools", "stream", "output",
+        "delta", "choices", "n", "model", "name", "output_text", "refusal", "call_id", "arguments", "stream_options"]
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                    lambda children: st.lists(children, max_size=4)
+                    | st.dictionaries(st.sampled_from(KEYS), children, max_size=5), max_leaves=25)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(body=st.dictionaries(st.sampled_from(KEYS), JSON, max_size=6))
+def test_every_api_parses_any_json_into_a_request_or_a_400(body):
+    raw = json.dumps(body).encode()
+    for api in GUARDED_APIS:
+        try:
+            request = api.parse(raw)
+        except ProxyError as error:
+            assert error.status == 400
+            continue
+        json.dumps(request.messages, ensure_ascii=False).encode()  # the probe can serialise what it reads
+        assert request.messages and request.choices >= 1
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(events=st.lists(JSON, max_size=6), cut=st.integers(min_value=1, max_value=7))
+def test_every_api_reads_any_answer_or_stream_without_raising(events, cut):
+    stream = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    for api in GUARDED_APIS:
+        collector = api.collector()
+        for i in range(0, len(stream), cut):
+            collector.feed(stream[i : i + cut])
+        assert isinstance(collector.text, str)
+        for event in events:
+            text = api.answer_text(json.dumps(event).encode())
+            assert text is None or isinstance(text, str)

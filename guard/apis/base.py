@@ -121,7 +121,7 @@ def parts_text(content: Any, kinds: frozenset[str]) -> str:
     if isinstance(content, list):
         texts = []
         for part in content:
-            if isinstance(part, dict) and part.get("type") in kinds:
+            if isinstance(part, dict) and isinstance(part.get("type"), str) and part["type"] in kinds:
                 text = part.get("text", part.get("refusal"))
                 texts.append(text if isinstance(text, str) else "")
         return "\n".join(texts)

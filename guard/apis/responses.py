@@ -36,9 +36,9 @@ class ResponsesText(ContentCollector):
             event = json.loads(line[5:])
         except (ValueError, RecursionError):
             return
-        if not isinstance(event, dict):
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             return
-        kind = event.get("type")
+        kind = event["type"]
         if kind in _TEXT_DELTAS and isinstance(event.get("delta"), str):
             self._parts.append(event["delta"])
         elif kind in _ENDS:

@@ -40,7 +40,8 @@ class ContentCollector:
             return
         if isinstance(event.get("error"), dict):
             self.error = event["error"]
-        for choice in event.get("choices") or ():
+        choices = event.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             text = self.choice_text(choice)
