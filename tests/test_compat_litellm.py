@@ -13,7 +13,6 @@ serve --upstream <litellm>/v1`` with a recording upstream standing in for LiteLL
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,16 +21,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of the cost map from the network
-litellm = pytest.importorskip("litellm", reason="install the compat extra to test LiteLLM")
-
-from tests.fault_upstream import ProxyProcess, clean_env  # noqa: E402
-from tests.recording_upstream import REPLY, Recorder, build_recording_upstream  # noqa: E402
-from tests.servers import ServerThread  # noqa: E402
+from tests.fault_upstream import ProxyProcess, clean_env
+from tests.recording_upstream import REPLY, Recorder, build_recording_upstream
+from tests.servers import ServerThread
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "litellm"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def litellm(monkeypatch):
+    """The litellm SDK (the compat extra); orders' guard command lines are tested without it."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no fetch of the cost map from the network
+    return pytest.importorskip("litellm", reason="install the compat extra to test the litellm SDK")
 
 
 @pytest.fixture
@@ -49,7 +52,8 @@ def _guard(upstream_url: str, tmp_path: Path, env: dict[str, str] | None = None)
     return ProxyProcess(upstream_url, tmp_path, "--datapoints", str(tmp_path / "dp.sqlite3"), env=env).start()
 
 
-def test_order_a_litellm_sdk_with_config_yaml_in_front_of_the_guard(upstream, recorder, tmp_path, monkeypatch):
+def test_order_a_litellm_sdk_with_config_yaml_in_front_of_the_guard(litellm, upstream, recorder, tmp_path,
+                                                                    monkeypatch):
     guard = _guard(upstream.url + "/v1", tmp_path)  # refusal-guard serve --upstream http://llama:8000/v1
     try:
         config = yaml.safe_load((EXAMPLES / "config.yaml").read_text())
@@ -79,7 +83,7 @@ def test_order_a_as_the_old_readme_had_it_is_named_at_start(upstream, tmp_path):
 
 
 @pytest.mark.parametrize("call", ["completion", "stream", "embedding", "text_completion"])
-def test_litellm_direct_and_guarded_agree(upstream, recorder, tmp_path, call):
+def test_litellm_direct_and_guarded_agree(litellm, upstream, recorder, tmp_path, call):
     guard = _guard(upstream.url + "/v1", tmp_path)
 
     def run(base: str) -> object:

@@ -19,12 +19,9 @@ from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from guard.apis.base import Api, GuardedRequest
-from guard.apis.chat import CHAT
 from guard.errors import upstream_protocol
 from guard.proxy.sse import sse_event
 from guard.proxy.upstream import Upstream, UpstreamFailure, UpstreamResponse, response_headers
-
-CHAT_PATH = CHAT.path
 
 
 @dataclass(frozen=True, slots=True)

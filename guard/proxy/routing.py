@@ -139,7 +139,7 @@ class Router:
         return record
 
     def _review_event(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        keys = ("request_id", "ts", "model", "topic", "will_refuse", "confidence", "harm_rating", "p_correct",
+        keys = ("request_id", "ts", "route", "model", "topic", "will_refuse", "confidence", "harm_rating", "p_correct",
                 "probe_status", "policy_version", "prompt_sha256")
         event = {k: record.get(k) for k in keys}
         if "prompt" in record:
