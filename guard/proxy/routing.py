@@ -1,4 +1,5 @@
-"""One guarded request (chat, completions or responses: ``guard.apis``), top to bottom: probe, decide, act, then score off the path.
+"""One guarded request (chat, completions or responses: ``guard.apis``), top to bottom:
+probe, decide, act, then score off the path. The path does not know which API it serves.
 
 Modes (``Settings.mode``):
 
@@ -54,7 +55,7 @@ class Router:
             return Mode.SHADOW
         return mode
 
-    async def handle(self, chat: GuardedRequest, incoming: Mapping[str, str], request_id: str,
+    async def handle(self, request: GuardedRequest, incoming: Mapping[str, str], request_id: str,
                      query: bytes = b"") -> Response:
         started = time.perf_counter()
         mode = self.effective_mode()
@@ -62,20 +63,20 @@ class Router:
         headers = self.upstream.forward_headers(incoming, ids)
         pending: asyncio.Task[Generation] | None = None
         if mode in (Mode.PARALLEL, Mode.SHADOW):
-            pending = asyncio.create_task(generate(self.upstream, chat, headers, query))
+            pending = asyncio.create_task(generate(self.upstream, request, headers, query))
         try:
             if mode is Mode.OFF:
                 probe = ProbeResult("skipped", None, 0.0)
             else:
-                probe = await self.prober.predict(chat, headers)
+                probe = await self.prober.predict(request, headers)
             decision = self._decide(probe)
             applied = decision.action if mode in (Mode.SEQUENTIAL, Mode.PARALLEL) else "pass"
-            record = self._record(chat, request_id, mode, probe, decision)
+            record = self._record(request, request_id, mode, probe, decision)
             guard_headers = _guard_headers(mode, probe, decision)
             if applied == "block":
                 await _cancel(pending)
                 self.scorer.submit(record, None, started)
-                return blocked_response(chat, request_id=request_id, message=self.settings.refusal_message,
+                return blocked_response(request, request_id=request_id, message=self.settings.refusal_message,
                                         style=self.settings.block_response, headers=guard_headers)
             target = self.upstream
             if applied == "review":
@@ -86,7 +87,7 @@ class Router:
                     pending = None
                     headers = target.forward_headers(incoming, ids)
             try:
-                generation = await pending if pending is not None else await generate(target, chat, headers, query)
+                generation = await pending if pending is not None else await generate(target, request, headers, query)
             except UpstreamFailure as failure:
                 self.scorer.submit(record, failed_exchange(failure, started), started)
                 raise
@@ -106,17 +107,17 @@ class Router:
             return Decision("pass", None)  # no probe was asked for (mode off)
         return Decision(self.settings.on_probe_failure.value, None)
 
-    def _record(self, chat: GuardedRequest, request_id: str, mode: Mode, probe: ProbeResult,
+    def _record(self, request: GuardedRequest, request_id: str, mode: Mode, probe: ProbeResult,
                 decision: Decision) -> dict[str, Any]:
         """The datapoint fields known before the answer (schema: ``calibration.datapoints``)."""
-        content = probed_content(chat, "last_user")
+        content = probed_content(request, "last_user")
         prompt_sha = hashlib.sha256(str(content).encode()).hexdigest()
         p = probe.prediction
         record: dict[str, Any] = {
             "id": prompt_sha,
             "request_id": request_id,
             "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "model": chat.model,
+            "model": request.model,
             "topic": p.topic if p else None,
             "harm_level": None,
             "will_refuse": p.will_refuse if p else None,
@@ -131,8 +132,8 @@ class Router:
             "policy_version": self.policies.current.version,
             "probe_template": TEMPLATE_REF,
             "prompt_sha256": prompt_sha,
-            "route": chat.api.name,
-            "context": chat.context or None,
+            "route": request.api.name,
+            "context": request.context or None,
         }
         if self.settings.log_prompts:
             record["prompt"] = content
