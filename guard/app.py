@@ -154,7 +154,7 @@ def create_app(
             app.state.runtime = runtime
             if settings.upstream_check_interval > 0:
                 watcher = asyncio.create_task(watch_upstream(runtime, settings.upstream_check_interval))
-                stack.callback(watcher.cancel)
+                stack.push_async_callback(cancel_task, watcher)
             freeze_startup_heap()
             yield
             runtime.draining = True
@@ -257,6 +257,12 @@ async def check_upstream(runtime: Runtime) -> dict[str, Any]:
     if answer.status == 404:
         health["hint"] = "the upstream has no /models: does the upstream URL end in /v1?"
     return health
+
+
+async def cancel_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 async def watch_upstream(runtime: Runtime, interval: float) -> None:

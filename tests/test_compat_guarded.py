@@ -227,3 +227,30 @@ def test_every_api_reads_any_answer_or_stream_without_raising(events, cut):
         for event in events:
             text = api.answer_text(json.dumps(event).encode())
             assert text is None or isinstance(text, str)
+
+
+def test_upstream_health_is_a_metric_and_not_the_guards_readiness(start_proxy, script):
+    proxy = start_proxy(upstream_check_interval=0.2)
+
+    def upstream_up() -> str | None:
+        for line in httpx.get(proxy.url + "/metrics").text.splitlines():
+            if line.startswith("refusal_guard_upstream_up "):
+                return line.split()[1]
+        return None
+
+    def eventually(value: str) -> bool:
+        deadline = time.monotonic() + 10
+        while upstream_up() != value:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    assert eventually("1.0")
+    script.models_status = 503
+    assert eventually("0.0")
+    assert httpx.get(proxy.url + "/readyz").status_code == 200
+    r = httpx.get(proxy.url + "/readyz?upstream=1")
+    assert r.status_code == 503 and r.json()["status"] == "upstream unhealthy"
+    script.models_status = 200
+    assert eventually("1.0") and httpx.get(proxy.url + "/readyz?upstream=1").status_code == 200
