@@ -124,6 +124,10 @@ def build_recording_upstream(recorder: Recorder) -> Starlette:
             return Response(BLOB, media_type="application/octet-stream", headers=ids)
         if method == "DELETE" and path.startswith("/v1/files/"):
             return JSONResponse({"id": path.rsplit("/", 1)[1], "object": "file", "deleted": True}, headers=ids)
+        if method == "GET" and path == "/v1/batches":  # an upstream that compresses whatever it was asked
+            import gzip
+            return Response(gzip.compress(b'{"object": "list", "data": []}'), media_type="application/json",
+                            headers={**ids, "content-encoding": "gzip"})
         if method == "POST" and path == "/v1/audio/speech":
             return Response(b"ID3" + hashlib.sha256(body).digest() * 1000, media_type="audio/mpeg", headers=ids)
         return JSONResponse({"error": {"message": f"no route {method} {path}", "type": "invalid_request_error",

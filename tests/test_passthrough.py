@@ -102,3 +102,17 @@ def test_dead_upstream_is_a_502_naming_no_internal_host():
             assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_unreachable"
             assert str(port) not in r.text and "127.0.0.1" not in r.text
         assert 'refusal_guard_upstream_errors_total{reason="connect"}' in httpx.get(proxy.url + "/metrics").text
+
+
+def test_a_compressed_upload_and_a_compressed_answer_keep_their_coding(guard, recorder):
+    import gzip
+
+    proxy, _ = guard
+    body = gzip.compress(b'{"model": "e", "input": "x"}')
+    r = httpx.post(proxy.url + "/v1/moderations", content=body,
+                   headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 404  # the recording upstream has no moderations: its own answer
+    seen = recorder.requests[-1]
+    assert seen.body == body and seen.headers["content-encoding"] == "gzip"
+    answer = httpx.get(proxy.url + "/v1/batches")
+    assert answer.headers["content-encoding"] == "gzip" and answer.json() == {"object": "list", "data": []}

@@ -30,9 +30,10 @@ async def forward(request: Request, upstream: Upstream, metrics: GuardMetrics) -
     raw_path = request.scope.get("raw_path") or request.scope["path"].encode()
     path = raw_path[len(PREFIX):].decode("latin-1")  # as the client sent it: percent-escapes, trailing slash
     headers = upstream.forward_headers(request.headers, id_headers(request.headers, request_id_of(request.scope)))
+    # The body is relayed as raw bytes, so its framing headers go with it: a declared length (no
+    # chunked upload) and a content coding (a gzip-compressed upload stays a gzip-compressed upload).
     length = request.headers.get("content-length")
-    if length is not None:
-        headers["content-length"] = length  # a streamed body keeps its declared length (no chunked upload)
+    headers.update({k: request.headers[k] for k in ("content-length", "content-encoding") if k in request.headers})
     has_body = length not in (None, "0") or "chunked" in request.headers.get("transfer-encoding", "").lower()
     try:
         response = await upstream.open_stream(path, headers=headers, content=request.stream() if has_body else None,
@@ -41,8 +42,7 @@ async def forward(request: Request, upstream: Upstream, metrics: GuardMetrics) -
         metrics.upstream_errors.labels(failure.reason).inc()
         raise
     relayed = response_headers(response.headers)
-    if "content-length" in response.headers and "content-encoding" not in response.headers:
-        relayed["content-length"] = response.headers["content-length"]
+    relayed.update({k: response.headers[k] for k in ("content-length", "content-encoding") if k in response.headers})
     deadline = asyncio.get_running_loop().time() + upstream.total_timeout
     return StreamingResponse(_body(upstream, response, deadline, metrics), status_code=response.status_code,
                              headers=relayed)
