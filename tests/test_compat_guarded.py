@@ -150,6 +150,8 @@ def test_never_stricter_than_the_upstream(start_proxy, script):
     r = httpx.post(proxy.url + "/v1/chat/completions/", json=body, headers={"host": "evil.example"})
     assert r.status_code == 200 and "location" not in r.headers
     assert httpx.post(proxy.url + "/v1/completions/", json={"prompt": "x"}).status_code == 200
+    nulls = {"prompt": "x", "model": None, "stream": None, "stream_options": None, "n": None}
+    assert httpx.post(proxy.url + "/v1/completions", json=nulls).status_code == 200
     # A 5 MiB base64 image fits the default body limit.
     image = "data:image/png;base64," + "A" * (5 * 1024 * 1024)
     big = {"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "what is it?"},

@@ -116,3 +116,17 @@ def test_a_compressed_upload_and_a_compressed_answer_keep_their_coding(guard, re
     assert seen.body == body and seen.headers["content-encoding"] == "gzip"
     answer = httpx.get(proxy.url + "/v1/batches")
     assert answer.headers["content-encoding"] == "gzip" and answer.json() == {"object": "list", "data": []}
+
+
+def test_forwarded_headers_as_for_chat_with_the_upstream_key(recorder):
+    with ServerThread(build_recording_upstream(recorder)) as upstream:
+        settings = Settings(upstream=upstream.url + "/v1", datapoints=None, upstream_check_interval=0,
+                            upstream_api_key="sk-upstream")
+        with ServerThread(create_app(settings, registry=CollectorRegistry())) as proxy:
+            httpx.post(proxy.url + "/v1/embeddings", json={"input": "x"},
+                       headers={"authorization": "Bearer client-key", "connection": "keep-alive",
+                                "x-request-id": "client-1", "openai-organization": "org-1"})
+    seen = recorder.requests[-1].headers
+    assert seen["authorization"] == "Bearer sk-upstream"  # the configured key replaces the client's
+    assert seen["x-request-id"] == "client-1" and seen["openai-organization"] == "org-1"
+    assert seen["x-refusal-guard-request-id"]
