@@ -59,8 +59,10 @@ FIELDS: tuple[str, ...] = (
     "refused", "probe_ms", "upstream_ms", "total_ms", "policy_version", "probe_template",
     "prompt_sha256",
 )
-#: Present only when prompt logging is on.
-OPTIONAL_FIELDS: tuple[str, ...] = ("prompt",)
+#: ``prompt`` is present only when prompt logging is on; the proxy adds the route (chat, completions,
+#: responses), the upstream's own request id and the context the probe could not see (JSON, e.g.
+#: ``{"previous_response_id": ...}``); files written by ``collect`` or before these existed lack them.
+OPTIONAL_FIELDS: tuple[str, ...] = ("prompt", "route", "upstream_request_id", "context")
 
 LABELS = frozenset({"full_refusal", "partial_refusal", "partial_compliance", "full_compliance"})
 PROBE_STATUSES = frozenset({"ok", "cached", "timeout", "error", "unparseable", "skipped"})

@@ -25,7 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
-from guard.proxy.chat_request import parse_chat_request
+from guard.apis import GUARDED_APIS, Api
+from guard.proxy import passthrough
 from guard.truth.detector import RefusalDetector
 from guard.errors import ProxyError, error_body
 from guard.logs import AccessLog, configure_logging
@@ -37,7 +38,6 @@ from guard.probe.policy import PolicyStore, ReloadResult
 from guard.probe.template import TEMPLATE_HASH
 from guard.probe.prober import Prober
 from guard.stores.recorder import PromptHasher, default_key_file, load_hash_key
-from guard.proxy.headers import add_relayed_headers
 from guard.stores.sink import Retention, open_sink
 from guard.proxy.request_context import RequestContext, request_id_of
 from guard.stores.review import ReviewSink
@@ -49,9 +49,9 @@ from guard.proxy.upstream import Upstream, UpstreamFailure
 
 log = logging.getLogger("refusal_guard")
 
-# OpenAPI descriptions (``/openapi.json``) of what the handlers check themselves: the chat handler
-# reads the raw body (it forwards it byte for byte), so its schema is given here, exactly as strict
-# as ``guard.proxy.chat_request.parse_chat_request`` and no stricter (unknown fields are forwarded).
+# OpenAPI descriptions of what the handlers check themselves: the guarded handlers read the raw
+# body (it is forwarded byte for byte), so each API's schema (``api.request_schema``) is given here,
+# exactly as strict as its ``parse`` and no stricter (unknown fields are forwarded).
 _ERROR_SCHEMA = {
     "type": "object",
     "required": ["error"],
@@ -62,31 +62,6 @@ _ERROR_SCHEMA = {
                        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}},
     }},
 }
-CHAT_REQUEST_SCHEMA = {
-    "type": "object",
-    "required": ["messages"],
-    "properties": {
-        "model": {"type": ["string", "null"]},
-        "messages": {"type": "array", "minItems": 1, "items": {
-            "type": "object",
-            "required": ["role"],
-            "properties": {
-                "role": {"type": "string", "examples": ["system", "user", "assistant", "tool"]},
-                "content": {"anyOf": [
-                    {"type": "string"},
-                    {"type": "array", "items": {"allOf": [  # text-bearing parts need string text; others pass
-                        {"if": {"type": "object", "required": ["type"], "properties": {"type": {"enum": list(kinds)}}},
-                         "then": {"required": [key], "properties": {key: {"type": "string"}}}}
-                        for key, kinds in (("text", ("text", "input_text", "output_text")), ("refusal", ("refusal",)))
-                    ]}},
-                    {"type": "null"},
-                ]},
-            },
-        }},
-        "stream": {"type": "boolean"},
-        "stream_options": {"type": ["object", "null"], "examples": [{"include_usage": True}]},
-    },
-}
 
 
 def _errors(*statuses: int) -> dict[str, Any]:
@@ -94,14 +69,22 @@ def _errors(*statuses: int) -> dict[str, Any]:
                      "content": {"application/json": {"schema": _ERROR_SCHEMA}}} for s in statuses}
 
 
-CHAT_OPENAPI: dict[str, Any] = {
-    "requestBody": {"required": True, "content": {"application/json": {"schema": CHAT_REQUEST_SCHEMA}}},
-    "responses": {
-        "200": {"description": "The upstream's completion (or the guard's block answer), whole or as SSE",
-                "content": {"application/json": {"schema": {"type": "object"}},
-                            "text/event-stream": {"schema": {"type": "string"}}}},
-        **_errors(400, 401, 413, 502, 504),
-    },
+def api_openapi(api: Api) -> dict[str, Any]:
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": api.request_schema}}},
+        "responses": {
+            "200": {"description": "The upstream's answer (or the guard's block answer), whole or as SSE",
+                    "content": {"application/json": {"schema": {"type": "object"}},
+                                "text/event-stream": {"schema": {"type": "string"}}}},
+            **_errors(400, 401, 413, 502, 504),
+        },
+    }
+
+
+MODELS_OPENAPI: dict[str, Any] = {
+    "responses": {"200": {"description": "The upstream's model list, forwarded unchanged",
+                          "content": {"application/json": {"schema": {"type": "object"}}}},
+                  **_errors(401, 502, 504)},
 }
 ADMIN_OPENAPI: dict[str, Any] = {
     "responses": {"200": {"description": "Policy reloaded", "content": {"application/json": {"schema": {"type": "object"}}}},
@@ -114,9 +97,12 @@ METRICS_OPENAPI: dict[str, Any] = {
                           "content": {"text/plain": {"schema": {"type": "string"}}}}},
 }
 READYZ_OPENAPI: dict[str, Any] = {
-    "responses": {"503": {"description": "Not ready: upstream unreachable or unhealthy, or draining",
+    "parameters": [{"name": "upstream", "in": "query", "required": False, "schema": {"type": "string", "enum": ["1"]},
+                    "description": "Also ask the upstream (GET /models); 503 if it is unreachable or unhealthy"}],
+    "responses": {"503": {"description": "Not ready: draining (or, with upstream=1, the upstream is down)",
                           "content": {"application/json": {"schema": {"type": "object"}}}}},
 }
+FORWARD_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
 @dataclass
@@ -177,11 +163,15 @@ def create_app(
                     if previous is not None:
                         stack.callback(signal.signal, signum, previous)
             app.state.runtime = runtime
+            if settings.upstream_check_interval > 0:
+                watcher = asyncio.create_task(watch_upstream(runtime, settings.upstream_check_interval))
+                stack.push_async_callback(cancel_task, watcher)
             freeze_startup_heap()
             yield
             runtime.draining = True
 
     app = FastAPI(title="refusal-guard", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.router.redirect_slashes = False  # RequestContext trims a trailing slash: same route, no redirect
     app.add_middleware(RequestContext, metrics=metrics, max_header_bytes=settings.max_header_bytes,
                        access_log=AccessLog() if settings.log_format == "json" else None, tracing=tracing)
 
@@ -195,16 +185,9 @@ def create_app(
     async def _proxy_error(request: Request, exc: ProxyError) -> Response:
         return Response(exc.body(), status_code=exc.status, media_type="application/json")
 
-    @app.post("/v1/chat/completions", openapi_extra=CHAT_OPENAPI)
-    async def chat_completions(request: Request) -> Response:
-        runtime: Runtime = request.app.state.runtime
-        try:
-            check_api_key(request, runtime.settings)
-            chat = parse_chat_request(await read_body(request, runtime.settings.max_body_bytes))
-        except ProxyError:
-            runtime.metrics.requests.labels("invalid", runtime.router.effective_mode().value).inc()
-            raise
-        return await runtime.router.handle(chat, request.headers, request_id_of(request.scope))
+    for api in GUARDED_APIS:
+        app.add_api_route("/v1" + api.path, guarded_handler(api), methods=["POST"], name=api.name,
+                          openapi_extra=api_openapi(api))
 
     @app.post("/admin/policy/reload", openapi_extra=ADMIN_OPENAPI)
     async def admin_reload(request: Request) -> Response:
@@ -214,13 +197,6 @@ def create_app(
         return JSONResponse({"ok": result.ok, "message": result.message, "version": result.version},
                             status_code=200 if result.ok else 422)
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> Response:
-        runtime: Runtime = request.app.state.runtime
-        check_api_key(request, runtime.settings)
-        headers = runtime.upstream.forward_headers(request.headers, {"x-request-id": request_id_of(request.scope)})
-        answer = await runtime.upstream.request("GET", "/models", headers=headers, timeout=runtime.settings.read_timeout)
-        return add_relayed_headers(Response(answer.body, status_code=answer.status), answer.headers)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -228,20 +204,21 @@ def create_app(
 
     @app.get("/readyz", openapi_extra=READYZ_OPENAPI)
     async def readyz(request: Request) -> Response:
+        """The guard's own readiness (started, policy loaded, not draining): an upstream outage must
+        not take every replica out of a Service at once (clients would get connection errors instead
+        of the guard's 502). ``?upstream=1`` also asks the upstream."""
         runtime: Runtime = request.app.state.runtime
         if runtime.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        try:
-            answer = await runtime.upstream.request(
-                "GET", "/models", headers=runtime.upstream.forward_headers({}), timeout=runtime.settings.connect_timeout
-            )
-        except UpstreamFailure as failure:
-            return JSONResponse({"status": "upstream unreachable", "reason": failure.reason}, status_code=503)
+        ready = {"status": "ready", "policy_version": runtime.policies.current.version}
+        if request.query_params.get("upstream") not in ("1", "true"):
+            return JSONResponse(ready)
+        health = await check_upstream(runtime)
         if runtime.draining:  # SIGTERM arrived while the upstream was being asked
             return JSONResponse({"status": "draining"}, status_code=503)
-        if answer.status >= 500:
-            return JSONResponse({"status": "upstream unhealthy", "upstream_status": answer.status}, status_code=503)
-        return JSONResponse({"status": "ready"})
+        if health["upstream"] != "ok":
+            return JSONResponse({**health, "status": f"upstream {health['upstream']}"}, status_code=503)
+        return JSONResponse({**ready, **health})
 
     @app.get("/metrics", openapi_extra=METRICS_OPENAPI)
     async def prometheus_metrics(request: Request) -> Response:
@@ -250,7 +227,61 @@ def create_app(
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
+    async def forwarded(request: Request) -> Response:
+        runtime: Runtime = request.app.state.runtime
+        check_api_key(request, runtime.settings)
+        return await passthrough.forward(request, runtime.upstream, runtime.metrics)
+
+    app.add_api_route("/v1/models", forwarded, methods=["GET"], openapi_extra=MODELS_OPENAPI)  # documented
+    app.add_api_route("/v1/{path:path}", forwarded, methods=FORWARD_METHODS, include_in_schema=False)
+
     return app
+
+
+def guarded_handler(api: Api) -> Any:
+    """The handler of one guarded API: authenticate, read and parse the body, then the request path."""
+
+    async def handle(request: Request) -> Response:
+        runtime: Runtime = request.app.state.runtime
+        try:
+            check_api_key(request, runtime.settings)
+            parsed = api.parse(await read_body(request, runtime.settings.max_body_bytes))
+        except ProxyError:
+            runtime.metrics.requests.labels("invalid", runtime.router.effective_mode().value).inc()
+            raise
+        return await runtime.router.handle(parsed, request.headers, request_id_of(request.scope),
+                                           request.scope.get("query_string", b""))
+
+    return handle
+
+
+async def check_upstream(runtime: Runtime) -> dict[str, Any]:
+    """Ask the upstream for ``/models``; set ``refusal_guard_upstream_up``. The answer names no host."""
+    try:
+        answer = await runtime.upstream.request("GET", "/models", headers=runtime.upstream.forward_headers({}),
+                                                timeout=runtime.settings.connect_timeout)
+    except UpstreamFailure as failure:
+        runtime.metrics.upstream_up.set(0)
+        return {"upstream": "unreachable", "reason": failure.reason}
+    healthy = answer.status < 500 and answer.status != 404
+    runtime.metrics.upstream_up.set(1 if healthy else 0)
+    health: dict[str, Any] = {"upstream": "ok" if healthy else "unhealthy", "upstream_status": answer.status}
+    if answer.status == 404:
+        health["hint"] = "the upstream has no /models: does the upstream URL end in /v1?"
+    return health
+
+
+async def cancel_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def watch_upstream(runtime: Runtime, interval: float) -> None:
+    """Keep ``refusal_guard_upstream_up`` current while the process runs."""
+    while True:
+        await check_upstream(runtime)
+        await asyncio.sleep(interval)
 
 
 def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.AsyncClient,

@@ -71,6 +71,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from guard.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
+    print(check_upstream_at_start(settings), file=sys.stderr, flush=True)
     common = dict(
         host=settings.host,
         port=settings.port,
@@ -92,6 +93,32 @@ def run_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="refusal-guard-metrics-"))
     uvicorn.run("guard.app:create_app_from_environment", factory=True, workers=settings.workers, **common)
     return 0
+
+
+def check_upstream_at_start(settings: Settings) -> str:
+    """One plain line on whether the upstream answers ``GET /models``, for the operator's console.
+
+    Serving starts either way (the upstream may come up later; ``/readyz?upstream=1`` and the
+    ``refusal_guard_upstream_up`` metric follow it), but a wrong base URL is named at once.
+    """
+    import httpx
+
+    shown = str(httpx.URL(settings.upstream).copy_with(userinfo=b""))  # never print credentials in the URL
+    url = shown + "/models"
+    headers = {"authorization": f"Bearer {settings.upstream_api_key.get_secret_value()}"} if settings.upstream_api_key else {}
+    try:
+        status = httpx.get(settings.upstream + "/models", headers=headers, timeout=min(settings.connect_timeout, 5.0)).status_code
+    except httpx.HTTPError as exc:
+        return f"refusal-guard: upstream {shown} not reachable yet ({type(exc).__name__}); serving anyway"
+    if status == 404:
+        return (f"refusal-guard: WARNING: GET {url} answered 404: does the upstream URL end in /v1? "
+                f"(e.g. --upstream {shown}/v1); every forwarded call will 404 until it does")
+    if status in (401, 403):
+        return (f"refusal-guard: WARNING: GET {url} answered {status}: the upstream wants a key "
+                "(--upstream-api-key / REFUSAL_GUARD_UPSTREAM_API_KEY, or clients' own Authorization headers)")
+    if status >= 400:
+        return f"refusal-guard: WARNING: GET {url} answered {status}"
+    return f"refusal-guard: upstream {shown} answers (GET /models: {status})"
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -71,7 +71,9 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=64)
 
     # --- limits and timeouts -------------------------------------------------------------
-    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description=(
+        "Largest body of a guarded request (read whole to be probed): 32 MiB fits a 20 MB image as base64. "
+        "Forwarded routes stream their bodies and have no limit of their own."))
     connect_timeout: float = Field(default=5.0, gt=0)
     read_timeout: float = Field(default=120.0, gt=0, description="Longest silence between upstream bytes.")
     total_timeout: float = Field(default=600.0, gt=0, description="Longest a whole upstream exchange may take.")
@@ -86,6 +88,8 @@ class Settings(BaseSettings):
     max_response_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, description=(
         "Largest upstream answer relayed; a longer one is cut (502, or an in-band error event in a stream) "
         "and counted as upstream_errors_total{reason=\"too_large\"}."))
+    upstream_check_interval: float = Field(default=15.0, ge=0, description=(
+        "Seconds between upstream health checks (metric refusal_guard_upstream_up); 0: only on /readyz?upstream=1."))
     shutdown_grace: float = Field(default=20.0, ge=0, description="Seconds in-flight requests get on SIGTERM.")
 
     # --- the probe and routing -----------------------------------------------------------

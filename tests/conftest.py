@@ -33,7 +33,8 @@ def start_proxy(upstream: ServerThread):
     servers: list[ServerThread] = []
 
     def start(**overrides) -> ServerThread:
-        values = {"upstream": upstream.url + "/v1", "mode": "off", "datapoints": None, **overrides}
+        values = {"upstream": upstream.url + "/v1", "mode": "off", "datapoints": None, "upstream_check_interval": 0,
+                  **overrides}
         server = ServerThread(create_app(Settings(**values), registry=CollectorRegistry())).start()
         servers.append(server)
         return server

@@ -20,12 +20,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from tests import openai_shapes
+
 
 @dataclass
 class Received:
     kind: str  # "generation" | "probe" | "models"
     body: bytes
     headers: dict[str, str]
+    path: str = "/v1/chat/completions"
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -48,6 +51,7 @@ class Script:
     probe_logprobs: list | None = None
     reject_response_format: set[str] = field(default_factory=set)  # e.g. {"json_schema"}
     models_status: int = 200
+    upstream_request_id: str | None = None  # sent as x-request-id with every generation if set
     calls: Counter = field(default_factory=Counter)
     received: list[Received] = field(default_factory=list)
     cancelled: Counter = field(default_factory=Counter)
@@ -86,10 +90,11 @@ def build_upstream(script: Script) -> Starlette:
         if script.status != 200:
             return JSONResponse(script.error or {"error": {"message": "scripted failure", "type": "server_error",
                                                            "param": None, "code": None}}, status_code=script.status)
+        ids = {"x-request-id": script.upstream_request_id} if script.upstream_request_id else None
         if data.get("stream"):
             usage = bool((data.get("stream_options") or {}).get("include_usage"))
-            return StreamingResponse(_stream(model, usage), media_type="text/event-stream")
-        return JSONResponse(_completion(script.reply, model))
+            return StreamingResponse(_stream(model, usage), media_type="text/event-stream", headers=ids)
+        return JSONResponse(_completion(script.reply, model), headers=ids)
 
     async def _stalled_until_gone(request: Request, seconds: float) -> bool:
         """Wait ``seconds``; True if the caller disconnected meanwhile."""
@@ -152,7 +157,30 @@ def build_upstream(script: Script) -> Starlette:
             return JSONResponse({"error": {"message": "down", "type": "server_error"}}, status_code=script.models_status)
         return JSONResponse({"object": "list", "data": [{"id": "scripted", "object": "model", "owned_by": "tests"}]})
 
+    async def other_api(request: Request) -> Response:
+        """Legacy completions and the Responses API (generations only)."""
+        body = await request.body()
+        with script.lock:
+            script.calls["generation"] += 1
+            script.received.append(Received("generation", body, dict(request.headers), request.url.path))
+        data = json.loads(body)
+        model = data.get("model") or "scripted"
+        headers = {"x-request-id": script.upstream_request_id} if script.upstream_request_id else None
+        if script.status != 200:
+            return JSONResponse(script.error or {"error": {"message": "scripted failure", "type": "server_error",
+                                                           "param": None, "code": None}}, status_code=script.status)
+        text = script.reply
+        pieces = [text[i : i + script.chunk_size] for i in range(0, len(text), script.chunk_size)]
+        legacy = request.url.path.endswith("/completions")
+        if data.get("stream"):
+            events = (openai_shapes.text_completion_events if legacy else openai_shapes.response_events)(pieces, model)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        answer = (openai_shapes.text_completion if legacy else openai_shapes.response)(text, model)
+        return JSONResponse(answer, headers=headers)
+
     return Starlette(routes=[
         Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/completions", other_api, methods=["POST"]),
+        Route("/v1/responses", other_api, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
     ])

@@ -22,7 +22,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from guard.proxy.chat_request import parse_chat_request
+from guard.apis.chat import CHAT
 from guard.ops.local_model import free_port, port_is_free
 from guard.live.metrics import GuardMetrics
 from guard.probe.context import ProbeView, conversation_view
@@ -99,7 +99,7 @@ async def test_json_schema_dialect_and_auto_prober(llama):
             topics=DEFAULT_TOPICS, timeout=120, max_tokens=96, structured_output="auto", context="last_user",
             model=None, cache_size=0, cache_ttl=60, circuit_failures=5, circuit_cooldown=30,
         )
-        chat = parse_chat_request(json.dumps({"model": MODEL_ALIAS, "messages": [
+        chat = CHAT.parse(json.dumps({"model": MODEL_ALIAS, "messages": [
             {"role": "user", "content": PROMPTS["benign"]}]}).encode())
         result = await prober.predict(chat, {})
         print(f"[prober auto] status={result.status} dialect={prober.dialect_for(MODEL_ALIAS)} {result.seconds:.2f} s "

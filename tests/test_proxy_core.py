@@ -164,19 +164,24 @@ def test_models_health_ready_and_metrics(start_proxy, script):
     assert httpx.get(proxy.url + "/healthz").status_code == 200
     assert httpx.get(proxy.url + "/readyz").status_code == 200
     script.models_status = 500
-    assert httpx.get(proxy.url + "/readyz").status_code == 503
+    assert httpx.get(proxy.url + "/readyz").status_code == 200  # the guard itself can still serve
+    r = httpx.get(proxy.url + "/readyz?upstream=1")
+    assert r.status_code == 503 and r.json()["upstream_status"] == 500
     client(proxy).chat.completions.create(model="m", messages=MESSAGES)
     text = httpx.get(proxy.url + "/metrics").text
     assert 'refusal_guard_http_requests_total{route="chat",status="200"} 1.0' in text
     assert 'refusal_guard_http_request_seconds_count{route="chat"} 1.0' in text
 
 
-def test_readyz_fails_when_upstream_is_down(start_proxy):
-    proxy = start_proxy(upstream=f"http://127.0.0.1:{free_port()}/v1")
-    r = httpx.get(proxy.url + "/readyz")
-    assert r.status_code == 503 and r.json()["reason"] == "connect"
+def test_readyz_upstream_check_fails_when_upstream_is_down(start_proxy):
+    port = free_port()
+    proxy = start_proxy(upstream=f"http://127.0.0.1:{port}/v1")
+    assert httpx.get(proxy.url + "/readyz").status_code == 200
+    r = httpx.get(proxy.url + "/readyz?upstream=1")
+    assert r.status_code == 503 and r.json()["reason"] == "connect" and str(port) not in r.text
+    assert "refusal_guard_upstream_up 0.0" in httpx.get(proxy.url + "/metrics").text
 
 
 def test_unknown_route_gets_openai_shaped_404(start_proxy):
-    r = httpx.get(start_proxy().url + "/v1/nothing")
+    r = httpx.get(start_proxy().url + "/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "http_404"

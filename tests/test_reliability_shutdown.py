@@ -58,7 +58,7 @@ def test_sigterm_mid_load_finishes_in_flight_work_and_flushes_datapoints(tmp_pat
                     return
 
         async def readyz(http: httpx.AsyncClient) -> httpx.Response:
-            return await http.get("/readyz")
+            return await http.get("/readyz?upstream=1")  # the upstream's /models stalls: in flight at the signal
 
         async def main() -> tuple[httpx.Response, bool]:
             limits = httpx.Limits(max_connections=40)

@@ -35,7 +35,9 @@ def test_client_cannot_mark_its_generation_as_a_probe(start_guard, hostile):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "Sure, here it is."
     assert hostile.calls == {"probe": 1, "generation": 1}
     (generation, _), = hostile.of("generation")
-    assert not any(name.startswith("x-refusal-guard-") for name in generation)
+    # none of the client's x-refusal-guard-* headers; only the guard's own request id, which it sets
+    assert [n for n in generation if n.startswith("x-refusal-guard-")] == ["x-refusal-guard-request-id"]
+    assert generation["x-refusal-guard-request-id"] == r.headers["x-refusal-guard-request-id"]
     assert generation["x-keep"] == "yes"
 
 

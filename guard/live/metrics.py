@@ -101,6 +101,8 @@ class GuardMetrics:
         self.policy_info = gauge(
             "refusal_guard_policy_info", "The loaded policy (value 1).", ["version", "probe_template", "enforced"]
         )
+        self.upstream_up = gauge("refusal_guard_upstream_up",
+                                 "1 if the upstream answered its last health check (GET /models), else 0.", [])
         self.circuit_open = gauge("refusal_guard_probe_circuit_open",
                                   "Probe circuit breakers (one per upstream and model) open or half-open.", [])
 

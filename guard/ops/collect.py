@@ -48,7 +48,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from calibration.datapoints import FIELDS
-from guard.proxy.chat_request import parse_chat_request
+from guard.apis.chat import CHAT
 from guard.truth.detector import RefusalDetector, is_refusal
 from guard.live.metrics import GuardMetrics
 from guard.probe.template import TEMPLATE_REF
@@ -518,7 +518,7 @@ async def collect(
             body = {"model": model, "messages": [{"role": "user", "content": item.prompt}],
                     "temperature": temperature, "max_tokens": max_tokens, "stream": False}
             raw = json.dumps(body, ensure_ascii=False).encode()
-            chat = parse_chat_request(raw)
+            chat = CHAT.parse(raw)
             # No x-request-id: llama-cpp-python's server answers 400 to one that is not a UUID.
             headers = base.forward_headers({"content-type": "application/json"})
             probe: ProbeResult = await prober.predict(chat, headers)

@@ -4,7 +4,7 @@
    (``--model-port``, default 8000 if free, else any free port), model name ``smollm2``.
 2. Starts ``refusal-guard serve`` as a second process with ``--upstream`` set to that
    server's ``/v1``; everything else resolves as usual (flags > env > ``--config`` > defaults).
-3. Waits until the proxy's ``/readyz`` answers 200, prints where to send requests, and
+3. Waits until the proxy's ``/readyz?upstream=1`` answers 200, prints where to send requests, and
    runs until Ctrl-C or SIGTERM, then stops the proxy (it drains) and the model server.
 
 The model server has answered one short completion before the proxy starts, so a build that
@@ -169,7 +169,7 @@ def _wait_proxy_ready(url: str, proxy: subprocess.Popen, log: Path, deadline: fl
                 raise LocalModelError(f"the proxy exited with status {code} before it was ready; "
                                       f"last lines of {log}:\n{tail(log)}")
             try:
-                if client.get(url + "/readyz").status_code == 200:
+                if client.get(url + "/readyz?upstream=1").status_code == 200:  # the proxy and the model
                     return
             except httpx.HTTPError:
                 pass

@@ -40,7 +40,7 @@ from guard.probe.template import (
     p_refuse_from_logprobs,
     parse_prediction,
 )
-from guard.proxy.chat_request import ChatRequest
+from guard.apis.base import GuardedRequest
 from guard.proxy.sse import completion_text
 from guard.proxy.upstream import Upstream, UpstreamFailure, UpstreamResponse
 
@@ -149,7 +149,7 @@ class Prober:
         return hashlib.sha256(material.encode()).hexdigest()
 
     # --- probing ----------------------------------------------------------------------------
-    async def predict(self, chat: ChatRequest, headers: Mapping[str, str]) -> ProbeResult:
+    async def predict(self, chat: GuardedRequest, headers: Mapping[str, str]) -> ProbeResult:
         return await self.predict_view(self.view(chat.messages, chat.tools), chat.model, headers)
 
     async def predict_view(self, view: ProbeView, requested_model: str | None,

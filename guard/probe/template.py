@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from guard.probe.context import ProbeView, UnknownParts, conversation_view
-from guard.proxy.chat_request import ChatRequest
+from guard.apis.base import GuardedRequest
 
 #: v2: the probe sees the conversation (all roles, text-bearing parts, tool calls and tool definitions),
 #: not only the last user message (issue 16).
@@ -70,7 +70,7 @@ def answer_schema(topics: Sequence[str]) -> dict[str, Any]:
 
 
 def probe_view(
-    chat: ChatRequest,
+    chat: GuardedRequest,
     context: Literal["last_user", "conversation"],
     *,
     budget_chars: int,

@@ -1,4 +1,4 @@
-"""Sending a chat request upstream and relaying the answer, streamed or whole.
+"""Sending a guarded request upstream and relaying the answer, streamed or whole.
 
 ``generate`` does the upstream half (it can run concurrently with the probe and be
 cancelled); ``respond`` turns its result into the client's response. Both paths report
@@ -18,13 +18,11 @@ import httpx
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
-from guard.proxy.chat_request import ChatRequest
+from guard.apis.base import Api, GuardedRequest
 from guard.errors import upstream_protocol
 from guard.proxy.headers import add_relayed_headers
-from guard.proxy.sse import ContentCollector, completion_text, sse_event
+from guard.proxy.sse import sse_event
 from guard.proxy.upstream import Upstream, UpstreamFailure, UpstreamResponse, response_headers
-
-CHAT_PATH = "/chat/completions"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +33,7 @@ class Exchange:
     text: str | None  # the assistant's answer; None if there was none or it was cut off
     seconds: float
     error: str | None = None  # connect|timeout|protocol|too_large|status_4xx|status_5xx|truncated
+    request_id: str | None = None  # the upstream's x-request-id
 
 
 OnDone = Callable[[Exchange], None]
@@ -45,6 +44,7 @@ class Generation:
     """An upstream answer: read whole, or a stream whose headers are in and body unread."""
 
     upstream: Upstream
+    api: Api
     started: float
     whole: UpstreamResponse | None = None
     stream: httpx.Response | None = None
@@ -62,14 +62,17 @@ def _status_reason(status: int) -> str | None:
     return None
 
 
-async def generate(upstream: Upstream, chat: ChatRequest, headers: Mapping[str, str]) -> Generation:
-    """Send ``chat`` upstream byte for byte. Raises :class:`UpstreamFailure` on transport trouble."""
+async def generate(upstream: Upstream, request: GuardedRequest, headers: Mapping[str, str],
+                   query: bytes = b"") -> Generation:
+    """Send ``request`` upstream byte for byte. Raises :class:`UpstreamFailure` on transport trouble."""
     started = time.perf_counter()
-    if not chat.stream:
-        return Generation(upstream, started, whole=await upstream.request("POST", CHAT_PATH, headers=headers, content=chat.raw))
-    response = await upstream.open_stream(CHAT_PATH, headers=headers, content=chat.raw)
+    api = request.api
+    if not request.stream:
+        whole = await upstream.request("POST", api.path, headers=headers, content=request.raw, query=query)
+        return Generation(upstream, api, started, whole=whole)
+    response = await upstream.open_stream(api.path, headers=headers, content=request.raw, query=query)
     if response.status_code < 300 and response.headers.get("content-type", "").startswith("text/event-stream"):
-        return Generation(upstream, started, stream=response)
+        return Generation(upstream, api, started, stream=response)
     # An error, or an upstream that ignored stream=true: read it whole and relay it as is.
     try:
         body = await response.aread()
@@ -77,7 +80,7 @@ async def generate(upstream: Upstream, chat: ChatRequest, headers: Mapping[str, 
         raise UpstreamFailure(upstream_protocol(type(exc).__name__), "protocol") from None
     finally:
         await response.aclose()
-    return Generation(upstream, started, whole=UpstreamResponse(response.status_code, response_headers(response.headers), body))
+    return Generation(upstream, api, started, whole=UpstreamResponse(response.status_code, response_headers(response.headers), body))
 
 
 def failed_exchange(failure: UpstreamFailure, started: float) -> Exchange:
@@ -92,12 +95,13 @@ def respond(generation: Generation, extra_headers: Mapping[str, str], on_done: O
     """
     if generation.whole is not None:
         answer = generation.whole
-        text = completion_text(answer.body) if answer.status < 300 else None
+        text = generation.api.answer_text(answer.body) if answer.status < 300 else None
         exchange = Exchange(
             answer.status,
             text[:label_max_chars] if text is not None and label_max_chars is not None else text,
             time.perf_counter() - generation.started,
             _status_reason(answer.status),
+            answer.headers.get("x-request-id"),
         )
         return add_relayed_headers(Response(answer.body, status_code=answer.status, headers=extra_headers,
                                             background=BackgroundTask(_report, on_done, exchange)), answer.headers)
@@ -117,7 +121,7 @@ async def _report(on_done: OnDone, exchange: Exchange) -> None:
 async def _relay(generation: Generation, deadline: float, on_done: OnDone,
                  label_max_chars: int | None) -> AsyncIterator[bytes]:
     assert generation.stream is not None
-    collector = ContentCollector(max_chars=label_max_chars)
+    collector = generation.api.collector(max_chars=label_max_chars)
     error: str | None = None
     events = _WholeEvents()
     try:
@@ -140,7 +144,8 @@ async def _relay(generation: Generation, deadline: float, on_done: OnDone,
             error = "truncated"  # the client went away, or the upstream ended without [DONE]
         exchange = Exchange(generation.stream.status_code if error is None else 502,
                             collector.text if error is None else None,
-                            time.perf_counter() - generation.started, error)
+                            time.perf_counter() - generation.started, error,
+                            generation.stream.headers.get("x-request-id"))
         # The response's end is sent once this generator returns; score after that, not before.
         try:
             asyncio.get_running_loop().call_soon(on_done, exchange)

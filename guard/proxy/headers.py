@@ -12,9 +12,9 @@ Values keep their bytes: a non-ASCII (Latin-1) value is passed on as bytes, neve
 into an error.
 
 Upstream to client (:func:`relayed_response_headers`): hop-by-hop and framing headers,
-``date``/``server`` (the guard's server sets its own), ``x-request-id`` (the guard's own id is
-set by the request-context middleware) and the upstream's ``x-refusal-guard-*`` headers (only
-the guard may speak for the guard) are dropped; repeated headers such as ``set-cookie`` stay
+``date``/``server`` (the guard's server sets its own) and the upstream's ``x-refusal-guard-*``
+headers (only the guard may speak for the guard) are dropped; the upstream's ``x-request-id``
+reaches the client unchanged (the guard's id goes in ``x-refusal-guard-request-id``); repeated headers such as ``set-cookie`` stay
 separate pairs, in order.
 """
 
@@ -32,8 +32,10 @@ HOP_BY_HOP = frozenset({
     "connection", "keep-alive", "proxy-connection", "proxy-authenticate", "proxy-authorization", "te", "trailer",
     "trailers", "transfer-encoding", "upgrade", "host", "content-length", "content-encoding", "accept-encoding",
 })
-REQUEST_DROP = HOP_BY_HOP | {"expect", "x-request-id"}
-RESPONSE_DROP = HOP_BY_HOP | {"date", "server", "x-request-id"}
+#: ``x-request-id`` passes both ways: the client's goes upstream, the upstream's comes back (the
+#: guard's own id travels as ``x-refusal-guard-request-id``: ``guard.proxy.request_context``).
+REQUEST_DROP = HOP_BY_HOP | {"expect"}
+RESPONSE_DROP = HOP_BY_HOP | {"date", "server"}
 
 
 def _connection_tokens(pairs: Iterable[tuple[str, str]]) -> frozenset[str]:

@@ -1,5 +1,11 @@
 """A pure ASGI middleware: request ids, HTTP metrics, and a last-resort error shape.
 
+Request ids: the guard's own id (the client's ``x-request-id`` if it is a plain token, else a
+UUID) goes back in ``x-refusal-guard-request-id``, and in ``x-request-id`` only when the answer
+has none of its own: the upstream's ``x-request-id`` reaches the client unchanged, so an SDK's
+``_request_id`` is the provider's. A trailing slash is served by the route without it (never a
+redirect built from the client's Host header).
+
 Pure ASGI (not ``BaseHTTPMiddleware``) so streamed bodies pass through untouched and the
 cost per request stays a few dict operations.
 """
@@ -10,6 +16,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.requests import ClientDisconnect
@@ -21,14 +28,39 @@ from guard.tracing import Tracing
 from guard.live.metrics import GuardMetrics
 
 _CLIENT_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-ROUTES = {"/v1/chat/completions": "chat", "/v1/models": "models", "/metrics": "metrics",
-          "/healthz": "healthz", "/readyz": "readyz", "/admin/policy/reload": "admin"}
+GUARD_ID_HEADER = "x-refusal-guard-request-id"
+ROUTES = {"/v1/chat/completions": "chat", "/v1/completions": "completions", "/v1/responses": "responses",
+          "/metrics": "metrics", "/healthz": "healthz", "/readyz": "readyz", "/admin/policy/reload": "admin"}
+#: Forwarded paths are counted by their first segment under /v1 when it is one of these, else ``v1_other``:
+#: a client cannot grow the label set.
+FORWARDED = frozenset({"models", "embeddings", "moderations", "files", "images", "audio", "batches", "uploads",
+                       "fine_tuning", "vector_stores", "assistants", "threads", "conversations", "containers",
+                       "evals", "realtime", "rerank", "tokenize", "detokenize"})
 
 log = logging.getLogger("refusal_guard")
 
 
 def request_id_of(scope: Scope) -> str:
     return scope["state"]["request_id"]
+
+
+def route_label(path: str) -> str:
+    """A bounded metrics label for a (slash-trimmed) path."""
+    if (label := ROUTES.get(path)) is not None:
+        return label
+    if path.startswith("/v1/"):
+        segment = path[4:].split("/", 1)[0]
+        return segment if segment in FORWARDED else "v1_other"
+    return "other"
+
+
+def id_headers(incoming: Mapping[str, str], request_id: str) -> dict[str, str]:
+    """Ids sent upstream: the guard's own, and ``x-request-id`` only if the client sent none
+    (a client's own ``x-request-id`` is forwarded as it came)."""
+    ids = {GUARD_ID_HEADER: request_id}
+    if "x-request-id" not in incoming:
+        ids["x-request-id"] = request_id
+    return ids
 
 
 class RequestContext:
@@ -48,7 +80,9 @@ class RequestContext:
         incoming = _header(scope, b"x-request-id")
         request_id = incoming if incoming and _CLIENT_ID.match(incoming) else str(uuid.uuid4())
         scope.setdefault("state", {})["request_id"] = request_id
-        route = ROUTES.get(scope["path"], "other")
+        if len(scope["path"]) > 1 and scope["path"].endswith("/"):
+            scope["path"] = scope["path"].rstrip("/") or "/"  # raw_path keeps it, for forwarding as sent
+        route = route_label(scope["path"])
         status = 500
         response_started = False
         access = self.access_log.begin() if self.access_log is not None else None
@@ -68,10 +102,11 @@ class RequestContext:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 response_started = True
-                message["headers"] = [
-                    *[(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"],
-                    (b"x-request-id", request_id.encode()),
-                ]
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != GUARD_ID_HEADER.encode()]
+                if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                    headers.append((b"x-request-id", request_id.encode()))
+                headers.append((GUARD_ID_HEADER.encode(), request_id.encode()))
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -123,7 +158,8 @@ def _head_size(scope: Scope) -> int:
 async def _send_json(send: Any, status: int, body: bytes, request_id: str) -> None:
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"), (b"x-request-id", request_id.encode())]})
+                            (b"connection", b"close"), (b"x-request-id", request_id.encode()),
+                            (GUARD_ID_HEADER.encode(), request_id.encode())]})
     await send({"type": "http.response.body", "body": body})
 
 

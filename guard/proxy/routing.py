@@ -1,4 +1,5 @@
-"""One guarded chat request, top to bottom: probe, decide, act, then score off the path.
+"""One guarded request (chat, completions or responses: ``guard.apis``), top to bottom:
+probe, decide, act, then score off the path. The path does not know which API it serves.
 
 Modes (``Settings.mode``):
 
@@ -24,8 +25,8 @@ from typing import Any
 
 from starlette.responses import Response
 
+from guard.apis.base import GuardedRequest
 from guard.proxy.blocked import blocked_response
-from guard.proxy.chat_request import ChatRequest
 from guard.proxy.forward import Exchange, Generation, failed_exchange, generate, respond
 from guard.probe.policy import Decision, PolicyStore
 from guard.probe.context import last_user_text
@@ -36,6 +37,7 @@ from guard.stores.review import ReviewSink
 from guard.truth.scoring import Scorer
 from guard.settings import Mode, Settings
 from guard.tracing import Tracing
+from guard.proxy.request_context import id_headers
 from guard.proxy.upstream import Upstream, UpstreamFailure
 
 
@@ -56,29 +58,31 @@ class Router:
             return Mode.SHADOW
         return mode
 
-    async def handle(self, chat: ChatRequest, incoming: Mapping[str, str], request_id: str) -> Response:
+    async def handle(self, request: GuardedRequest, incoming: Mapping[str, str], request_id: str,
+                     query: bytes = b"") -> Response:
         started = time.perf_counter()
         mode = self.effective_mode()
-        headers = self.upstream.forward_headers(incoming, {"x-request-id": request_id})
+        ids = id_headers(incoming, request_id)
+        headers = self.upstream.forward_headers(incoming, ids)
         pending: asyncio.Task[Generation] | None = None
         if mode in (Mode.PARALLEL, Mode.SHADOW):
-            pending = asyncio.create_task(self._generate(self.upstream, chat, headers))
+            pending = asyncio.create_task(self._generate(self.upstream, request, headers, query))
         try:
             if mode is Mode.OFF:
                 probe = ProbeResult("skipped", None, 0.0)
             else:
                 with self.tracing.span("probe") as span:
-                    probe = await self.prober.predict(chat, self.tracing.inject(headers))
+                    probe = await self.prober.predict(request, self.tracing.inject(headers))
                     if span is not None:
                         span.set_attribute("refusal_guard.probe_status", probe.status)
             decision = self._decide(probe)
             applied = decision.action if mode in (Mode.SEQUENTIAL, Mode.PARALLEL) else "pass"
-            record = self._record(chat, request_id, mode, probe, decision)
+            record = self._record(request, request_id, mode, probe, decision)
             guard_headers = _guard_headers(mode, probe, decision)
             if applied == "block":
                 await _cancel(pending)
                 self.scorer.submit(record, None, started)
-                return blocked_response(chat, request_id=request_id, message=self.settings.refusal_message,
+                return blocked_response(request, request_id=request_id, message=self.settings.refusal_message,
                                         style=self.settings.block_response, headers=guard_headers)
             target = self.upstream
             if applied == "review":
@@ -87,9 +91,9 @@ class Router:
                     target = self.review_upstream
                     await _cancel(pending)
                     pending = None
-                    headers = target.forward_headers(incoming, {"x-request-id": request_id})
+                    headers = target.forward_headers(incoming, ids)
             try:
-                generation = await pending if pending is not None else await self._generate(target, chat, headers)
+                generation = await pending if pending is not None else await self._generate(target, request, headers, query)
             except UpstreamFailure as failure:
                 self.scorer.submit(record, failed_exchange(failure, started), started)
                 raise
@@ -102,10 +106,11 @@ class Router:
         finally:
             await _cancel(pending)  # the client left, or an error: never leave a generation running
 
-    async def _generate(self, target: Upstream, chat: ChatRequest, headers: Mapping[str, str]) -> Generation:
+    async def _generate(self, target: Upstream, request: GuardedRequest, headers: Mapping[str, str],
+                        query: bytes) -> Generation:
         """The upstream call in its own span (to the response head; a stream goes on after it)."""
         with self.tracing.span("generation"):
-            return await generate(target, chat, self.tracing.inject(headers))
+            return await generate(target, request, self.tracing.inject(headers), query)
 
     def _decide(self, probe: ProbeResult) -> Decision:
         if probe.prediction is not None:
@@ -114,17 +119,17 @@ class Router:
             return Decision("pass", None)  # no probe was asked for (mode off)
         return Decision(self.settings.on_probe_failure.value, None)
 
-    def _record(self, chat: ChatRequest, request_id: str, mode: Mode, probe: ProbeResult,
+    def _record(self, request: GuardedRequest, request_id: str, mode: Mode, probe: ProbeResult,
                 decision: Decision) -> dict[str, Any]:
         """The datapoint fields known before the answer (schema: ``calibration.datapoints``)."""
-        content = last_user_text(chat.messages)
+        content = last_user_text(request.messages)
         prompt_sha = self.scorer.recorder.hash_prompt(content)  # keyed (HMAC): see guard.stores.recorder
         p = probe.prediction
         record: dict[str, Any] = {
             "id": prompt_sha,
             "request_id": request_id,
             "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "model": clean_model(chat.model),
+            "model": clean_model(request.model),
             "topic": p.topic if p else None,
             "harm_level": None,
             "will_refuse": p.will_refuse if p else None,
@@ -139,13 +144,15 @@ class Router:
             "policy_version": self.policies.current.version,
             "probe_template": TEMPLATE_REF,
             "prompt_sha256": prompt_sha,
+            "route": request.api.name,
+            "context": request.context or None,
         }
         if self.settings.log_prompts:
             record["prompt"] = content
         return record
 
     def _review_event(self, record: Mapping[str, Any]) -> dict[str, Any]:
-        keys = ("request_id", "ts", "model", "topic", "will_refuse", "confidence", "harm_rating", "p_correct",
+        keys = ("request_id", "ts", "route", "model", "topic", "will_refuse", "confidence", "harm_rating", "p_correct",
                 "probe_status", "policy_version", "prompt_sha256")
         event = {k: record.get(k) for k in keys}
         if "prompt" in record:

@@ -42,12 +42,19 @@ class ContentCollector:
             return
         if isinstance(event.get("error"), dict):
             self.error = event["error"]
-        for choice in event.get("choices") or ():
+        choices = event.get("choices")
+        for choice in choices if isinstance(choices, list) else ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") or {}
-            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                self._keep(delta["content"])
+            text = self.choice_text(choice)
+            if isinstance(text, str):
+                self._keep(text)
+
+    @staticmethod
+    def choice_text(choice: dict) -> object:
+        """The text one streamed choice adds (chat: ``delta.content``)."""
+        delta = choice.get("delta")
+        return delta.get("content") if isinstance(delta, dict) else None
 
     def _keep(self, text: str) -> None:
         if self._room is None:

@@ -85,12 +85,17 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeout = request.extensions.get("timeout", {})
-        body = request.content or None  # httpx has already read the body (the proxy sends bytes)
+        headers = request.headers.multi_items()
+        try:
+            body: bytes | httpx.AsyncByteStream | None = request.content or None  # bytes, read by httpx
+        except httpx.RequestNotRead:
+            body = request.stream  # a streamed body (the pass-through): sent as it arrives,
+            headers = [(k, v) for k, v in headers if k.lower() != "transfer-encoding"]  # chunked by aiohttp
         with _as_httpx_errors(request):
             response = await self._open().request(
                 request.method,
                 str(request.url),
-                headers=request.headers.multi_items(),
+                headers=headers,
                 data=body,
                 allow_redirects=False,
                 compress=None,

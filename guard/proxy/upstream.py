@@ -8,7 +8,7 @@ with a ``reason`` label for metrics) in exactly one place, ``_translate``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -26,11 +26,12 @@ class UpstreamFailure(ProxyError):
 
 
 def _translate(exc: httpx.HTTPError | TimeoutError) -> UpstreamFailure:
+    # Only the exception's type reaches the client: its text names the upstream's host and port.
     if isinstance(exc, (httpx.TimeoutException, TimeoutError)):
         return UpstreamFailure(upstream_timeout(type(exc).__name__), "timeout")
     if isinstance(exc, httpx.ConnectError):
-        return UpstreamFailure(upstream_unreachable(str(exc) or type(exc).__name__), "connect")
-    return UpstreamFailure(upstream_protocol(str(exc) or type(exc).__name__), "protocol")
+        return UpstreamFailure(upstream_unreachable(type(exc).__name__), "connect")
+    return UpstreamFailure(upstream_protocol(type(exc).__name__), "protocol")
 
 
 def too_large(limit: int) -> UpstreamFailure:
@@ -72,6 +73,10 @@ class Upstream:
         self.forward_client_authorization = forward_client_authorization
         self.max_response_bytes = max_response_bytes
 
+    def url(self, path: str, query: bytes = b"") -> str:
+        """``path`` under the base URL, with the client's query string (e.g. Azure's ``api-version``)."""
+        return self.base_url + path + ("?" + query.decode("latin-1") if query else "")
+
     def forward_headers(self, incoming: Mapping[str, str], extra: Mapping[str, str] | None = None) -> dict[str, str | bytes]:
         """The client's headers as :mod:`guard.proxy.headers` filters them; our key replaces theirs if configured."""
         key = f"Bearer {self.api_key.get_secret_value()}" if self.api_key is not None else None
@@ -89,10 +94,11 @@ class Upstream:
         headers: Mapping[str, str],
         content: bytes | None = None,
         timeout: float | None = None,
+        query: bytes = b"",
     ) -> UpstreamResponse:
         """A whole exchange, bounded by ``timeout`` (default: the total timeout) and by
         ``max_response_bytes`` (a longer body is a :func:`too_large` failure, never buffered)."""
-        request = self.client.build_request(method, self.base_url + path, headers=headers, content=content)
+        request = self.client.build_request(method, self.url(path, query), headers=headers, content=content)
         try:
             async with asyncio.timeout(timeout or self.total_timeout):
                 response = await self.client.send(request, stream=True)
@@ -120,22 +126,30 @@ class Upstream:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def open_stream(self, path: str, *, headers: Mapping[str, str], content: bytes) -> httpx.Response:
-        """Send a request and return once the response headers are in; the body is unread.
-
-        The caller must ``aclose()`` the response (``relay`` does).
+    async def open_stream(
+        self,
+        path: str,
+        *,
+        headers: Mapping[str, str],
+        content: bytes | AsyncIterable[bytes] | None,
+        method: str = "POST",
+        query: bytes = b"",
+    ) -> httpx.Response:
+        """Send a request (its body whole or streamed) and return once the response headers are
+        in; the body is unread. The caller must ``aclose()`` the response (``relay`` does).
         """
-        request = self.client.build_request("POST", self.base_url + path, headers=headers, content=content)
+        request = self.client.build_request(method, self.url(path, query), headers=headers, content=content)
         try:
             async with asyncio.timeout(self.total_timeout):
                 return await self.client.send(request, stream=True)
         except (httpx.HTTPError, TimeoutError) as exc:
             raise _translate(exc) from None
 
-    async def relay(self, response: httpx.Response, deadline: float) -> AsyncIterator[bytes]:
-        """Yield the response body as it arrives, until done, ``deadline`` (loop time), or
-        ``max_response_bytes`` (then :func:`too_large` is raised before the chunk that passes it)."""
-        limit, size = self.max_response_bytes, 0
+    async def relay(self, response: httpx.Response, deadline: float, *, capped: bool = True) -> AsyncIterator[bytes]:
+        """Yield the response body as it arrives, until done, ``deadline`` (loop time), or, if
+        ``capped``, ``max_response_bytes`` (then :func:`too_large` is raised before the chunk that
+        passes it). Pass-through routes relay uncapped: they keep nothing, so size costs no memory."""
+        limit, size = (self.max_response_bytes if capped else None), 0
         try:
             chunks = response.aiter_raw()
             while True:

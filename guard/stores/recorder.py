@@ -119,6 +119,10 @@ def open_database(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
     db.executescript(SQLITE_DDL)
+    present = {r[1] for r in db.execute("PRAGMA table_info(datapoints)")}
+    for name in OPTIONAL_FIELDS:  # a file from an older version: add the columns it lacks
+        if name not in present:
+            db.execute(f"ALTER TABLE datapoints ADD COLUMN {name} TEXT")
     return db
 
 
@@ -214,13 +218,16 @@ def export_jsonl(database: Path, out: TextIO) -> int:
     db.row_factory = sqlite3.Row
     count = 0
     try:
-        for row in db.execute(f"SELECT {', '.join(COLUMNS)} FROM datapoints ORDER BY seq"):
+        present = {r[1] for r in db.execute("PRAGMA table_info(datapoints)")}
+        optional = [k for k in OPTIONAL_FIELDS if k in present]
+        for row in db.execute(f"SELECT {', '.join(FIELDS + tuple(optional))} FROM datapoints ORDER BY seq"):
             record = {k: row[k] for k in FIELDS}
             for k in ("will_refuse", "refused"):
                 if record[k] is not None:
                     record[k] = bool(record[k])
-            if row["prompt"] is not None:
-                record["prompt"] = row["prompt"]
+            record.update({k: row[k] for k in optional if row[k] is not None})
+            if isinstance(record.get("context"), str):
+                record["context"] = json.loads(record["context"])
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
     finally:

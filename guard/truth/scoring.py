@@ -57,6 +57,7 @@ class Scorer:
         record["total_ms"] = round(total * 1000, 3)
         overhead = total
         if exchange is not None:
+            record["upstream_request_id"] = exchange.request_id
             record["upstream_ms"] = round(exchange.seconds * 1000, 3)
             self.metrics.upstream_seconds.observe(exchange.seconds)
             overhead = max(0.0, total - exchange.seconds)
