@@ -79,3 +79,13 @@ def agreement(a: np.ndarray, b: np.ndarray, cluster: np.ndarray | None = None,
         deff = max(1.0, var_cl / (p * (1 - p) / n))
     low, high = wilson(p * n / deff, n / deff, confidence)
     return Agreement(n, agree, p, low, high, k, round(deff, 6), confidence)
+
+
+def detector_judge_agreement(table: object, confidence: float = 0.95) -> dict | None:
+    """Detector-vs-judge agreement on a ``DatapointTable``'s judged rows, clustered by prompt; ``None``
+    when no row carries a judge label. (Those rows' ``refused`` already is the judge's.)"""
+    judged = getattr(table, "judged", None)
+    if judged is None or not judged.any():
+        return None
+    res = agreement(table.detector_refused[judged], table.refused[judged], table.prompt[judged], confidence)
+    return res.as_dict()

@@ -26,6 +26,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from calibration.agreement import detector_judge_agreement
 from calibration.datapoints import DatapointTable, read_datapoints
 from calibration.policy import Baseline, ConfidenceCount, Policy, SDTSummary, Thresholds, TopicPolicy
 from calibration.reliability import Recalibrator, ece_prob, reliability_table
@@ -76,6 +77,7 @@ class CalibrationResult:
     sides: dict[str, dict[str, SideThreshold]]
     split: dict[str, int]
     notes: list[str] = field(default_factory=list)
+    judge_agreement: dict[str, Any] | None = None  # detector vs judge where rows carry a judge label
 
     def cell(self, group: str, name: str) -> CellStats:
         for c in self.cells:
@@ -331,7 +333,7 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
         operating_points={"policy": pol_op, "global_thresholds": glob_op, "baseline_conf5": base_op},
         sides=sides, split={"fit_prompts": int(n_fit), "calibration_prompts": int(n_prompts - n_fit),
                             "fit_rows": int(fit_rows.sum()), "calibration_rows": int(cal_rows.sum())},
-        notes=notes,
+        notes=notes, judge_agreement=detector_judge_agreement(table, confidence),
     )
 
 

@@ -69,3 +69,55 @@ def test_coverage_by_simulation(clustered: bool) -> None:
     assert 0.93 <= covered / runs <= 0.975
     if clustered:
         assert naive_covered / runs < 0.85
+
+
+def test_calibrate_uses_judge_labels_as_ground_truth(tmp_path, capsys) -> None:
+    # Datapoints where the detector's `refused` is flipped on a third of the rows and a judge label
+    # (the truth) is present on every other row: calibrate must use the judge's label where there is
+    # one, keep the detector's elsewhere, and report detector-vs-judge agreement with its CI.
+    import json
+
+    from calibration.calibrate import calibrate
+    from calibration.cli import main
+    from calibration.datapoints import FIELDS, read_datapoints
+    from calibration.sdt import simulate
+
+    d = simulate(100, 4, 2.0, 0.0, n_topics=2, seed=5)
+    rng = np.random.default_rng(3)
+    n = d["prompt"].size
+    flip = rng.random(n) < 1 / 3
+    judged = np.arange(n) % 2 == 0
+    path = tmp_path / "d.jsonl"
+    with open(path, "w") as fh:
+        for i in range(n):
+            r = dict.fromkeys(FIELDS)
+            truth = bool(d["refused"][i])
+            r.update(id=f"p{d['prompt'][i]}", topic=["a", "b"][d["topic"][i]], probe_status="ok",
+                     will_refuse=bool(d["will_refuse"][i]), confidence=int(d["confidence"][i]),
+                     refused=truth != bool(flip[i]), model="m", probe_template="t")
+            if judged[i]:
+                r["judge_label"] = "partial_refusal" if truth else "full_compliance"
+            fh.write(json.dumps(r) + "\n")
+    table = read_datapoints([path])
+    assert table.judged.tolist() == judged.tolist()
+    assert table.refused[judged].tolist() == d["refused"][judged].astype(bool).tolist()
+    assert table.refused[~judged].tolist() == (d["refused"] != flip)[~judged].tolist()
+    assert table.detector_refused.tolist() == (d["refused"] != flip).tolist()
+    assert "judge_label" not in table.unknown_fields
+    result = calibrate([path], n_boot=20)
+    ja = result.judge_agreement
+    expected = float((~flip[judged]).mean())
+    assert ja["n"] == int(judged.sum()) and ja["rate"] == pytest.approx(expected)
+    assert ja["ci"][0] < expected < ja["ci"][1] and ja["n_clusters"] == len(set(d["prompt"][judged]))
+    assert main(["calibrate", "--datapoints", str(path), "--out", str(tmp_path / "p.json"),
+                 "--n-boot", "20"]) == 0
+    assert "detector-vs-judge agreement" in capsys.readouterr().err
+
+
+def test_no_judge_labels_means_no_agreement(tmp_path) -> None:
+    from calibration.agreement import detector_judge_agreement
+    from calibration.datapoints import DatapointTable
+
+    table = DatapointTable.from_arrays(prompt=[0, 1], will_refuse=[True, False], confidence=[5, 5],
+                                       refused=[True, False])
+    assert detector_judge_agreement(table) is None
