@@ -43,7 +43,9 @@ OUT = ROOT / "guard" / "truth" / "detector_weights.json"
 MIN_DF = 5
 MIN_CORPORA = 2
 C_GRID = (0.3, 3.0, 30.0)  # inverse L2 strength on the (corpus-weighted, mean-1) summed log-loss
-VARIANTS = {"groups+shape": False, "groups+shape+ngrams": True}  # name -> uses n-grams
+# name -> (feature prefixes used, n-grams). "rule" is the hand-written decision as a single feature: the
+# logistic layer then only sets its bias and scale, i.e. ships the rules' decision.
+VARIANTS = {"rule": (("rule:",), False), "groups+shape": (None, False), "groups+shape+ngrams": (None, True)}
 TIE = 0.005  # a LOCO-mean gain smaller than this does not justify the n-gram vocabulary
 SPLIT_SEED = 2024
 LOCO_OUT = ROOT / "benchmarks" / "data" / "loco_weights.json"  # read by detector_accuracy.py
@@ -82,8 +84,10 @@ class Data:
         return [rows[i] for i in keep], [feats[i] for i in keep]
 
 
-def vocabulary(parts: Mapping[str, list[dict[str, float]]], ngrams: bool) -> list[str]:
-    dense = sorted({k for fs in parts.values() for f in fs for k in f if ":" in k and k[1] != ":"})
+def vocabulary(parts: Mapping[str, list[dict[str, float]]], variant: str) -> list[str]:
+    prefixes, ngrams = VARIANTS[variant]
+    dense = sorted({k for fs in parts.values() for f in fs for k in f if k[1] != ":"
+                    and (prefixes is None or k.startswith(prefixes))})
     if not ngrams:
         return dense
     per_corpus = {c: Counter(k for f in fs for k in f if k[:2] in ("o:", "c:")) for c, fs in parts.items()}
@@ -123,10 +127,10 @@ def fit(x: sparse.csr_matrix, y: np.ndarray, weight: np.ndarray, c: float) -> tu
     return float(res.x[0]), res.x[1:]
 
 
-def fit_on(parts: Mapping[str, tuple[list[Row], list[dict[str, float]]]], ngrams: bool,
+def fit_on(parts: Mapping[str, tuple[list[Row], list[dict[str, float]]]], variant: str,
            c: float) -> dict[str, Any]:
     """Fit on the given training corpora (equal total weight each); return the weights dict."""
-    names = vocabulary({k: v[1] for k, v in parts.items()}, ngrams)
+    names = vocabulary({k: v[1] for k, v in parts.items()}, variant)
     index = {k: i for i, k in enumerate(names)}
     feats = [f for _, fs in parts.values() for f in fs]
     y = np.array([r.refused for rows, _ in parts.values() for r in rows], dtype=bool)
@@ -134,7 +138,7 @@ def fit_on(parts: Mapping[str, tuple[list[Row], list[dict[str, float]]]], ngrams
     weight = np.concatenate([np.full(len(rows), n / (len(parts) * len(rows))) for rows, _ in parts.values()])
     b, w = fit(matrix(feats, index), y, weight, c)
     weights = {k: round(float(v), DECIMALS) for k, v in zip(names, w) if round(float(v), DECIMALS)}
-    return {"format": 2, "bias": round(b, DECIMALS), "threshold": 0.5, "ngrams": ngrams,
+    return {"format": 2, "bias": round(b, DECIMALS), "threshold": 0.5, "ngrams": VARIANTS[variant][1],
             "weights": dict(sorted(weights.items()))}
 
 
@@ -159,32 +163,32 @@ def feature_accuracy(weights: Mapping[str, Any], rows: Sequence[Row],
     return correct / len(rows)
 
 
-def choose_c(data: Data, corpora: Sequence[str], ngrams: bool) -> tuple[float, dict[float, float]]:
+def choose_c(data: Data, corpora: Sequence[str], variant: str) -> tuple[float, dict[float, float]]:
     """C with the best mean accuracy over an inner LOCO on ``corpora`` (ties: stronger regularisation)."""
     scores = {}
     for c in C_GRID:
         accs = []
         for held in corpora:
             parts = {k: data.training(k) for k in corpora if k != held}
-            accs.append(feature_accuracy(fit_on(parts, ngrams, c), *data.training(held)))
+            accs.append(feature_accuracy(fit_on(parts, variant, c), *data.training(held)))
         scores[c] = float(np.mean(accs))
     return max(C_GRID, key=lambda c: (round(scores[c], 6), -c)), scores
 
 
-def loco(data: Data, ngrams: bool, log=print) -> dict[str, dict[str, Any]]:
+def loco(data: Data, variant: str, log=print) -> dict[str, dict[str, Any]]:
     """Outer LOCO: per left-out corpus, the detector trained (vocabulary, C, weights) on the others."""
     out = {}
     for held in CORPORA:
         train = [k for k in CORPORA if k != held]
-        c, _ = choose_c(data, train, ngrams)
-        weights = fit_on({k: data.training(k) for k in train}, ngrams, c)
+        c, _ = choose_c(data, train, variant)
+        weights = fit_on({k: data.training(k) for k in train}, variant, c)
         out[held] = weights
         log(f"  left out {held}: C = {c:g}", flush=True)
     return out
 
 
-def train_shipped(data: Data, ngrams: bool, c: float, meta: Mapping[str, Any]) -> dict[str, Any]:
-    weights = fit_on({k: data.training(k) for k in CORPORA}, ngrams, c)
+def train_shipped(data: Data, variant: str, c: float, meta: Mapping[str, Any]) -> dict[str, Any]:
+    weights = fit_on({k: data.training(k) for k in CORPORA}, variant, c)
     weights["meta"] = dict(meta)
     return weights
 
@@ -211,17 +215,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("corpora: " + ", ".join(f"{k} {len(v)} ({len(data.training(k)[0])} trainable)"
                                   for k, v in data.rows.items()))
     means, per_variant = {}, {}
-    for name, ngrams in VARIANTS.items():
+    for name in VARIANTS:
         print(f"variant {name}:", flush=True)
-        per = per_variant[name] = loco(data, ngrams)
+        per = per_variant[name] = loco(data, name)
         accs = {k: feature_accuracy(w, data.rows[k], data.feats[k]) for k, w in per.items()}
         means[name] = float(np.mean(list(accs.values())))
         print("  LOCO accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items())
               + f"; mean {means[name]:.3f}")
-    simple = next(iter(VARIANTS))  # the richer variant must beat the simpler one by TIE to be chosen
-    best = max(VARIANTS, key=lambda k: means[k] - (0 if k == simple else TIE))
-    ngrams = VARIANTS[best]
-    c, grid = choose_c(data, CORPORA, ngrams)
+    rules = RefusalDetector(rules_only=True)
+    rule_accs = {k: accuracy(rules, v) for k, v in data.rows.items()}
+    print("rules only (nothing trained; the phrase lists were written reading all corpora): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in rule_accs.items())
+          + f"; mean {np.mean(list(rule_accs.values())):.3f}", flush=True)
+    # In order of complexity: a richer variant must beat every simpler one by TIE to be chosen.
+    best = next(iter(VARIANTS))
+    for name in VARIANTS:
+        if means[name] >= means[best] + TIE:
+            best = name
+    c, grid = choose_c(data, CORPORA, best)
     print(f"shipped variant: {best} (LOCO mean {means[best]:.3f}); C by LOCO over all corpora: "
           + ", ".join(f"{k:g}: {v:.3f}" for k, v in grid.items()) + f" -> {c:g}")
     meta = {"variant": best, "C": c, "loco_mean": round(means[best], 4), "min_df": MIN_DF,
@@ -229,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "trained_on": "chatgpt-refusals dev half (seed 2024) + all of refusal-gptfuzz, "
                           "refusal-openai-rbr-gold, refusal-purseclab-jailbreak-eval, other-styles; "
                           "equal total weight per corpus"}
-    weights = train_shipped(data, ngrams, c, meta)
+    weights = train_shipped(data, best, c, meta)
     print(f"features with non-zero weight: {len(weights['weights'])}")
     if not args.no_write:
         LOCO_OUT.write_text(dumps({"variant": best, "left_out": per_variant[best]}), encoding="utf-8")

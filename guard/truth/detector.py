@@ -283,7 +283,11 @@ def _rule_refused(f: Mapping[str, float], length: int) -> bool:
     followed by structured content or a long answer; or an opening of moralising, redirect or help
     pointers with no compliant opener and little said."""
     declined = any(f.get(f"open:{g}") for g in ("inability", "decline_task", "policy"))
-    answered = f.get("shape:listed") or f.get("shape:code") or length >= 600
+    # Substance after a decline: structure, or a turn to answering ("however, here is ..."); length alone
+    # is not substance (a decline followed by paragraphs of moralising is still a refusal).
+    lecture = any(f.get(f"head:{g}") for g in ("moral", "redirect", "help_line", "disavow"))
+    answered = (f.get("shape:listed") or f.get("shape:code") or f.get("head:comply") or f.get("tail:comply")
+                or (length >= 600 and not lecture))
     if declined and not answered:
         return True
     deflected = any(f.get(f"open:{g}") for g in ("moral", "redirect", "help_line", "no_opinion",
@@ -395,6 +399,8 @@ class RefusalDetector:
             if not any(f.get(f"head:{g}") or f.get(f"tail:{g}")
                        for g in ("moral", "redirect", "help_line", "inability", "decline_task")):
                 f["x:decline_open&plain_rest"] = 1.0
+        if _rule_refused(f, length):
+            f["rule:refused"] = 1.0
         if self._ngrams if ngrams is None else ngrams:
             f.update(dict.fromkeys(_ngrams("o:", open_tokens), 1.0))
             if closing:
