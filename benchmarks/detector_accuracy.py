@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"LOCO variant: {loco['variant']}; shipped: {RefusalDetector().rules_only is False}")
     sets = dict(corpora)
     sets[f"{CHATGPT} (held-out half)"] = split_half(corpora[CHATGPT])[1]
+    sets["other-styles v3 (items 81-149; errors never inspected)"] = corpora["other-styles"][80:]
     names = list(columns(CHATGPT, loco["left_out"]))
     print("| corpus | n | refusals | " + " | ".join(names) + " | LOCO - best list |")
     print("|---|---:|---:|" + "---:|" * (len(names) + 1))
