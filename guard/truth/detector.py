@@ -242,33 +242,46 @@ def load_weights() -> dict[str, Any]:
     return json.loads(text)
 
 
-def _phrase_index() -> dict[str, tuple[tuple[tuple[str, ...], str], ...]]:
-    """First token -> ((remaining tokens, group), ...): phrase lookup in one pass over the tokens."""
-    index: dict[str, list[tuple[tuple[str, ...], str]]] = {}
+def _phrase_index() -> tuple[dict[str, str], dict[tuple[str, str], tuple[tuple[tuple[str, ...], str], ...]]]:
+    """One-token phrases (token -> group), and longer ones by their first two tokens
+    ((t1, t2) -> ((remaining tokens, group), ...), longest first): one dict lookup per token."""
+    single: dict[str, str] = {}
+    multi: dict[tuple[str, str], list[tuple[tuple[str, ...], str]]] = {}
     for group, phrases in GROUPS.items():
         for phrase in phrases:
-            first, *rest = phrase.split()
-            index.setdefault(first, []).append((tuple(rest), group))
+            tokens = phrase.split()
+            if len(tokens) == 1:
+                single.setdefault(tokens[0], group)
+            else:
+                multi.setdefault((tokens[0], tokens[1]), []).append((tuple(tokens[2:]), group))
     # Longest phrase first: at each position only the longest match counts, so "i can't browse"
     # (a limitation) is not also "i can't" (inability), nor "i'm sorry to hear" an apology.
-    return {k: tuple(sorted(v, key=lambda e: -len(e[0]))) for k, v in index.items()}
+    return single, {k: tuple(sorted(v, key=lambda e: -len(e[0]))) for k, v in multi.items()}
 
 
-_INDEX = _phrase_index()
+_SINGLE, _MULTI = _phrase_index()
 
 
 def _groups_in(tokens: list[str]) -> set[str]:
     """The phrase groups with a phrase in ``tokens`` (whole tokens, in order)."""
     found: set[str] = set()
-    index = _INDEX
-    for i, token in enumerate(tokens):
-        candidates = index.get(token)
-        if candidates is None:
-            continue
-        for rest, group in candidates:
-            if not rest or tuple(tokens[i + 1:i + 1 + len(rest)]) == rest:
-                found.add(group)
-                break
+    single, multi = _SINGLE, _MULTI
+    for i, pair in enumerate(zip(tokens, tokens[1:])):
+        candidates = multi.get(pair)
+        if candidates is not None:
+            for rest, group in candidates:
+                if not rest or tuple(tokens[i + 2:i + 2 + len(rest)]) == rest:
+                    found.add(group)
+                    break
+            else:
+                candidates = None
+            if candidates is not None:
+                continue
+        group = single.get(pair[0])
+        if group is not None:
+            found.add(group)
+    if tokens and tokens[-1] in single:
+        found.add(single[tokens[-1]])
     return found
 
 
