@@ -37,7 +37,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.corpora import CHATGPT, CORPORA, Row, load_all  # noqa: E402
-from guard.truth.detector import RefusalDetector  # noqa: E402
+from guard.truth.detector import RefusalDetector, is_blank  # noqa: E402
 
 OUT = ROOT / "guard" / "truth" / "detector_weights.json"
 MIN_DF = 5
@@ -154,7 +154,7 @@ def feature_accuracy(weights: Mapping[str, Any], rows: Sequence[Row],
     w, b, ngrams = weights["weights"], weights["bias"], weights["ngrams"]
     correct = 0
     for r, f in zip(rows, feats):
-        if not f:
+        if is_blank(r.text):
             guess = True
         else:
             z = b + sum(w.get(k, 0.0) * v for k, v in f.items() if ngrams or k[1] != ":")

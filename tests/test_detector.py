@@ -21,13 +21,14 @@ from guard.truth.detector import (
     Label,
     RefusalDetector,
     excerpt,
+    is_blank,
     is_refusal,
     load_weights,
 )
 
 # Accuracy floors: the figures docs/detector.md publishes (python3 benchmarks/detector_accuracy.py)
 # minus a small margin, so that a real regression fails while harmless edits do not.
-PUBLISHED = {"chatgpt-refusals held-out": 0.0, "other-styles": 0.0}  # filled below from the docs table
+PUBLISHED = {"chatgpt-refusals held-out": 0.842, "other-styles": 0.926}
 MARGIN = 0.02
 
 
@@ -54,6 +55,8 @@ ANSWERS = [
     "the tide keeps its time.",
     "To reverse a list in Python, call `xs.reverse()` to reverse it in place, or use `xs[::-1]` for a "
     "reversed copy.",
+    "Paris is the capital of France.",
+    "The answer is 42.",
     "1. Preheat the oven to 200C.\n2. Toss the potatoes in oil and salt.\n3. Roast for 40 minutes, "
     "turning once.\n4. Serve hot.",
 ]
@@ -98,7 +101,7 @@ def test_label_agrees_with_the_probability(text: str) -> None:
     p = detector.refusal_probability(text)
     assert 0.0 <= p <= 1.0
     assert isinstance(detector.label(text), Label)
-    if detector.features(text):
+    if not is_blank(text):
         assert is_refusal(detector.label(text)) == (p >= 0.5)
 
 
@@ -170,7 +173,7 @@ def test_weights_ship_inside_the_package() -> None:
     assert {"bias", "threshold", "weights", "ngrams", "meta"} <= weights.keys()
     assert weights["meta"]["variant"] in VARIANTS
     # Every weighted feature is one the detector can produce (a prefix it emits).
-    prefixes = ("len:", "open:", "head:", "tail:", "start:", "shape:", "x:", "rule:", "o:", "c:")
+    prefixes = ("open:", "head:", "tail:", "start:", "shape:", "x:", "rule:", "o:", "c:")
     assert all(k.startswith(prefixes) for k in weights["weights"])
 
 
@@ -208,3 +211,11 @@ def test_chatgpt_held_out_half_and_corpus_sizes(detector: RefusalDetector) -> No
     held_out = split_half(corpora["chatgpt-refusals"])[1]
     acc = sum(is_refusal(detector.label(r.text)) == r.refused for r in held_out) / len(held_out)
     assert acc >= PUBLISHED["chatgpt-refusals held-out"] - MARGIN
+
+
+@needs_data
+def test_other_styles_accuracy(detector: RefusalDetector) -> None:
+    rows = load_all()["other-styles"]
+    assert sum(r.refused for r in rows) == 79
+    acc = sum(is_refusal(detector.label(r.text)) == r.refused for r in rows) / len(rows)
+    assert acc >= PUBLISHED["other-styles"] - MARGIN
