@@ -28,7 +28,7 @@ from guard.truth.detector import (
 
 # Accuracy floors: the figures docs/detector.md publishes (python3 benchmarks/detector_accuracy.py)
 # minus a small margin, so that a real regression fails while harmless edits do not.
-PUBLISHED = {"chatgpt-refusals held-out": 0.842, "other-styles": 0.926}
+PUBLISHED = {"chatgpt-refusals held-out": 0.834, "other-styles": 0.866}
 MARGIN = 0.02
 
 
