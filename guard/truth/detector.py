@@ -20,15 +20,16 @@ Features (``RefusalDetector.features``), all computed on lower-cased word tokens
    professional help, sympathy, an apology for a mistake, a compliant opener ("Sure, here's ...").
    Each group is a feature per region (opening, rest of the head, tail), so the weights say *where*
    a phrase counts, never *which* corpus used it.
-2. **Shape**: capped log length, length buckets, list items and code in the windows, a question at the
-   end, and crosses of "a decline in the opening" with the length and structure (a decline followed by
+2. **Shape**: list items and code in the windows, a question at the end, a second voice, the
+   hand-written decision (``rule:refused``, see ``_rule_refused``), and crosses of "a decline in the opening" with the length and structure (a decline followed by
    moralising or a redirect without substance is a refusal; a decline followed by a list or code is
    an answer with a refused part).
 3. Optionally **word 1-2-grams** of the opening and the closing tokens, restricted at training time to
    n-grams seen in at least two training corpora (so one corpus's topics or templates cannot carry them).
 
 A logistic layer (trained offline by ``benchmarks/train_detector.py``, leave-one-corpus-out) turns the
-features into a probability of a (lenient) refusal. ``RefusalDetector(rules_only=True)`` replaces it with
+features into a probability of a (lenient) refusal; the feature set it uses is chosen by the
+leave-one-corpus-out mean (at present the hand-written decision alone won: see docs/detector.md). ``RefusalDetector(rules_only=True)`` replaces it with
 a fixed hand-written decision over the same phrase groups (``_rule_refused``), for comparison.
 
 The four-way label follows the binary: refused and short (under ``_SHORT`` characters) is
