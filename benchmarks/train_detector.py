@@ -1,30 +1,28 @@
-"""Train the refusal detector's linear layer and write ``guard/truth/detector_weights.json``.
+"""Train the refusal detector's logistic layer, judged leave-one-corpus-out; write the shipped weights.
 
-    python3 benchmarks/train_detector.py [--data PATH] [--out PATH] [--no-write]
+    python3 benchmarks/train_detector.py [--no-write] [--quick]
 
-The layer is an L2-regularised logistic regression (numpy + ``scipy.optimize``, no scikit-learn) over the
-rule reading as a feature vector (``r:`` features) and binary word 1-2-grams of the opening clauses and the
-closing clause (``o:`` / ``c:``) of each response; see ``guard/truth/detector.py``.
+Corpora (benchmarks/corpora.py, mapping in docs/detector.md): chatgpt-refusals, refusal-gptfuzz,
+refusal-openai-rbr-gold, refusal-purseclab-jailbreak-eval and the hand-written other-styles set. Of
+chatgpt-refusals only the seed-2024 **dev half** is ever trained on; its held-out half is only scored.
 
-It is trained on the **development half only** (the seed-2024 split of ``benchmarks/detector_accuracy.py``).
-Everything that is chosen is chosen on the training rows alone: the n-gram vocabulary (document frequency
->= ``MIN_DF`` in the training rows) and the regularisation strength ``C`` (inner 5-fold cross-validation on
-the training rows, grid ``C_GRID``). The held-out half and the other-styles set are only scored.
+Leave-one-corpus-out (LOCO): for each corpus, train on the others and score it. Everything learned is
+chosen without the left-out corpus: the n-gram vocabulary (an n-gram needs ``MIN_DF`` training answers in
+at least ``MIN_CORPORA`` training corpora), and ``C`` by an inner LOCO over the training corpora. Each
+training corpus gets the same total weight, so gptfuzz's 7,700 answers do not drown the others.
 
-It prints dev (a training-set figure), held-out and other-styles accuracy, and a nested 5-fold
-cross-validation over the full set (each outer fold rebuilds the vocabulary and re-picks ``C`` from its own
-four training folds), so the cross-validated figure is out-of-sample for everything learned. Deterministic:
-the splits are seeded and L-BFGS starts from zero.
+Variants (feature sets) are compared by their LOCO mean accuracy over the five corpora, and the shipped
+default is the best by that mean (never by in-corpus figures); it is then fitted on all training rows
+with ``C`` picked by LOCO over all five corpora. numpy + ``scipy.optimize`` L-BFGS, deterministic.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,200 +36,216 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.detector_accuracy import (  # noqa: E402
-    ALL_STYLE_CASES,
-    DATA,
-    load_rows,
-    split_rows,
-)
-from guard.truth.detector import RefusalDetector, is_refusal  # noqa: E402
+from benchmarks.corpora import CHATGPT, CORPORA, Row, load_all  # noqa: E402
+from guard.truth.detector import RefusalDetector, is_blank  # noqa: E402
 
 OUT = ROOT / "guard" / "truth" / "detector_weights.json"
-MIN_DF = 5  # an n-gram must occur in at least this many training responses to get a weight
-C_GRID = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # inverse L2 strength, on the summed (not mean) log-loss
-FOLDS = 5
-CV_SEED = 2024
-DECIMALS = 4  # weights are rounded to this many decimals in the file (the file is what gets scored)
+MIN_DF = 5
+MIN_CORPORA = 2
+C_GRID = (0.3, 3.0, 30.0)  # inverse L2 strength on the (corpus-weighted, mean-1) summed log-loss
+# name -> (feature prefixes used, n-grams). "rule" is the hand-written decision as a single feature: the
+# logistic layer then only sets its bias and scale, i.e. ships the rules' decision.
+VARIANTS = {"rule": (("rule:",), False), "groups+shape": (None, False), "groups+shape+ngrams": (None, True)}
+TIE = 0.005  # a LOCO-mean gain smaller than this does not justify the n-gram vocabulary
+SPLIT_SEED = 2024
+LOCO_OUT = ROOT / "benchmarks" / "data" / "loco_weights.json"  # read by detector_accuracy.py
+DECIMALS = 4
 
-Rows = Sequence[tuple[str, bool]]
-Feats = list[dict[str, float]]
-
-_RULES = RefusalDetector(rules_only=True)  # feature extraction does not depend on the weights
-
-
-def featurise(rows: Rows) -> Feats:
-    return [_RULES.features(text) for text, _ in rows]
+_FEATURES = RefusalDetector(rules_only=True)  # feature extraction does not depend on the weights
 
 
-@dataclass(frozen=True, slots=True)
-class Design:
-    """Column layout and the standardisation of the dense columns, fixed on the training rows."""
+def split_half(rows: Sequence[Row], seed: int = SPLIT_SEED) -> tuple[list[Row], list[Row]]:
+    """(dev, held-out) halves of chatgpt-refusals, fixed seed (the same split as before this change)."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    half = len(rows) // 2
+    return [rows[i] for i in sorted(order[:half])], [rows[i] for i in sorted(order[half:])]
 
-    names: list[str]
-    index: dict[str, int]
-    mean: np.ndarray
-    scale: np.ndarray
+
+@dataclass
+class Data:
+    """Featurised rows of every corpus (n-grams included; variants drop them)."""
+
+    rows: dict[str, list[Row]]
+    feats: dict[str, list[dict[str, float]]]
 
     @classmethod
-    def build(cls, feats: Feats, min_df: int = MIN_DF) -> Design:
-        dense = sorted({k for f in feats for k in f if k.startswith("r:")})
-        df = Counter(k for f in feats for k in f if not k.startswith("r:"))
-        grams = sorted(k for k, n in df.items() if n >= min_df)
-        names = dense + grams
-        index = {k: i for i, k in enumerate(names)}
-        x = cls._raw(feats, index, len(names)).tocsc()
-        mean = np.zeros(len(names))
-        scale = np.ones(len(names))
-        for j in range(len(dense)):
-            col = x[:, j].toarray().ravel()
-            mean[j] = col.mean()
-            scale[j] = col.std() or 1.0
-        return cls(names, index, mean, scale)
+    def load(cls) -> Data:
+        rows = load_all()
+        return cls(rows, {k: [_FEATURES.features(r.text, ngrams=True) for r in v] for k, v in rows.items()})
 
-    @staticmethod
-    def _raw(feats: Feats, index: Mapping[str, int], width: int) -> sparse.csr_matrix:
-        rows, cols, vals = [], [], []
-        for i, f in enumerate(feats):
-            for k, v in f.items():
-                j = index.get(k)
-                if j is not None and v:
-                    rows.append(i)
-                    cols.append(j)
-                    vals.append(v)
-        return sparse.csr_matrix((vals, (rows, cols)), shape=(len(feats), width))
-
-    def matrix(self, feats: Feats) -> sparse.csr_matrix:
-        """Standardised design matrix (dense columns centred and scaled; n-gram columns as they are)."""
-        raw = self._raw(feats, self.index, len(self.names))
-        scaled = raw @ sparse.diags(1.0 / self.scale)
-        # Centring a sparse matrix would densify it: subtract the means through the bias instead (see fit).
-        return scaled.tocsr()
-
-    def offsets(self) -> np.ndarray:
-        return self.mean / self.scale
+    def training(self, corpus: str) -> tuple[list[Row], list[dict[str, float]]]:
+        """A corpus's trainable rows: chatgpt-refusals' dev half only, all rows of the others."""
+        rows, feats = self.rows[corpus], self.feats[corpus]
+        if corpus != CHATGPT:
+            return rows, feats
+        dev = {id(r) for r in split_half(rows)[0]}
+        keep = [i for i, r in enumerate(rows) if id(r) in dev]
+        return [rows[i] for i in keep], [feats[i] for i in keep]
 
 
-def fit(x: sparse.csr_matrix, y: np.ndarray, offsets: np.ndarray, c: float) -> tuple[float, np.ndarray]:
-    """Minimise sum log-loss + ||w||^2 / (2c) over (bias, w); the bias is not penalised.
+def vocabulary(parts: Mapping[str, list[dict[str, float]]], variant: str) -> list[str]:
+    prefixes, ngrams = VARIANTS[variant]
+    dense = sorted({k for fs in parts.values() for f in fs for k in f if k[1] != ":"
+                    and (prefixes is None or k.startswith(prefixes))})
+    if not ngrams:
+        return dense
+    per_corpus = {c: Counter(k for f in fs for k in f if k[:2] in ("o:", "c:")) for c, fs in parts.items()}
+    grams: Counter[str] = Counter()
+    for cnt in per_corpus.values():
+        grams.update(cnt)
+    keep = sorted(k for k in grams if grams[k] >= MIN_DF
+                  and sum(1 for cnt in per_corpus.values() if cnt.get(k)) >= MIN_CORPORA)
+    return dense + keep
 
-    The model is ``z = b + (x - offsets) . w`` (dense columns centred), written without densifying x.
-    """
-    n, d = x.shape
+
+def matrix(feats: Sequence[dict[str, float]], index: Mapping[str, int]) -> sparse.csr_matrix:
+    rows, cols, vals = [], [], []
+    for i, f in enumerate(feats):
+        for k, v in f.items():
+            j = index.get(k)
+            if j is not None and v:
+                rows.append(i)
+                cols.append(j)
+                vals.append(v)
+    return sparse.csr_matrix((vals, (rows, cols)), shape=(len(feats), len(index)))
+
+
+def fit(x: sparse.csr_matrix, y: np.ndarray, weight: np.ndarray, c: float) -> tuple[float, np.ndarray]:
+    """Minimise sum_i weight_i log-loss_i + ||w||^2 / (2c) over (bias, w); the bias is not penalised."""
     sign = np.where(y, 1.0, -1.0)
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         b, w = theta[0], theta[1:]
-        z = b - offsets @ w + x @ w
-        m = sign * z
-        loss = np.logaddexp(0.0, -m).sum() + w @ w / (2 * c)
-        g = -sign * expit(-m)  # d loss / d z
-        grad_w = x.T @ g - offsets * g.sum() + w / c
-        return loss, np.concatenate(([g.sum()], grad_w))
+        m = sign * (b + x @ w)
+        loss = float(weight @ np.logaddexp(0.0, -m)) + w @ w / (2 * c)
+        g = -sign * expit(-m) * weight
+        return loss, np.concatenate(([g.sum()], x.T @ g + w / c))
 
-    res = optimize.minimize(objective, np.zeros(d + 1), jac=True, method="L-BFGS-B",
-                            options={"maxiter": 2000, "gtol": 1e-6})
+    res = optimize.minimize(objective, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B",
+                            options={"maxiter": 3000, "gtol": 1e-7})
     return float(res.x[0]), res.x[1:]
 
 
-def to_weights(design: Design, b: float, w: np.ndarray, meta: Mapping[str, Any]) -> dict[str, Any]:
-    """Fold the standardisation into raw-feature weights and round them: the dict the detector loads."""
-    raw = w / design.scale
-    bias = b - float(design.offsets() @ w)
-    dense, grams = {}, {}
-    for name, value in zip(design.names, raw):
-        v = round(float(value), DECIMALS)
-        if v:
-            (dense if name.startswith("r:") else grams)[name] = v
-    return {"format": 1, "bias": round(bias, DECIMALS), "threshold": 0.5, "dense": dense, "ngrams": grams,
-            "meta": dict(meta)}
+def fit_on(parts: Mapping[str, tuple[list[Row], list[dict[str, float]]]], variant: str,
+           c: float) -> dict[str, Any]:
+    """Fit on the given training corpora (equal total weight each); return the weights dict."""
+    names = vocabulary({k: v[1] for k, v in parts.items()}, variant)
+    index = {k: i for i, k in enumerate(names)}
+    feats = [f for _, fs in parts.values() for f in fs]
+    y = np.array([r.refused for rows, _ in parts.values() for r in rows], dtype=bool)
+    n = len(feats)
+    weight = np.concatenate([np.full(len(rows), n / (len(parts) * len(rows))) for rows, _ in parts.values()])
+    b, w = fit(matrix(feats, index), y, weight, c)
+    weights = {k: round(float(v), DECIMALS) for k, v in zip(names, w) if round(float(v), DECIMALS)}
+    return {"format": 2, "bias": round(b, DECIMALS), "threshold": 0.5, "ngrams": VARIANTS[variant][1],
+            "weights": dict(sorted(weights.items()))}
 
 
-def folds(n: int, k: int = FOLDS, seed: int = CV_SEED) -> list[list[int]]:
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    return [sorted(order[i::k]) for i in range(k)]
+def accuracy(detector: RefusalDetector, rows: Sequence[Row]) -> float:
+    from guard.truth.detector import is_refusal
+    return sum(is_refusal(detector.label(r.text)) == r.refused for r in rows) / len(rows)
 
 
-def _cv_accuracy(feats: Feats, y: np.ndarray, c: float, k: int = FOLDS) -> tuple[float, float]:
-    """Inner CV on the training rows: (accuracy, mean log-loss) of probability >= 0.5."""
-    correct, logloss = 0, 0.0
-    for test in folds(len(feats), k, seed=CV_SEED + 1):
-        held = set(test)
-        train = [i for i in range(len(feats)) if i not in held]
-        design = Design.build([feats[i] for i in train])
-        b, w = fit(design.matrix([feats[i] for i in train]), y[train], design.offsets(), c)
-        z = b - design.offsets() @ w + design.matrix([feats[i] for i in test]) @ w
-        p = expit(z)
-        correct += int(((p >= 0.5) == y[test]).sum())
-        logloss += float(-np.log(np.where(y[test], p, 1 - p).clip(1e-12)).sum())
-    return correct / len(feats), logloss / len(feats)
+def feature_accuracy(weights: Mapping[str, Any], rows: Sequence[Row],
+                     feats: Sequence[dict[str, float]]) -> float:
+    """Accuracy of ``p >= threshold`` computed from precomputed features (the binary the detector gives
+    for every non-blank answer; blank answers are refusals)."""
+    w, b, ngrams = weights["weights"], weights["bias"], weights["ngrams"]
+    correct = 0
+    for r, f in zip(rows, feats):
+        if is_blank(r.text):
+            guess = True
+        else:
+            z = b + sum(w.get(k, 0.0) * v for k, v in f.items() if ngrams or k[1] != ":")
+            guess = z >= 0.0  # threshold 0.5
+        correct += guess == r.refused
+    return correct / len(rows)
 
 
-def choose_c(feats: Feats, y: np.ndarray) -> tuple[float, dict[float, float]]:
-    """C with the best inner-CV accuracy (ties: lower log-loss, then the stronger regularisation)."""
-    scores = {c: _cv_accuracy(feats, y, c) for c in C_GRID}
-    best = max(C_GRID, key=lambda c: (round(scores[c][0], 6), -scores[c][1], -c))
-    return best, {c: s[0] for c, s in scores.items()}
+def choose_c(data: Data, corpora: Sequence[str], variant: str) -> tuple[float, dict[float, float]]:
+    """C with the best mean accuracy over an inner LOCO on ``corpora`` (ties: stronger regularisation)."""
+    scores = {}
+    for c in C_GRID:
+        accs = []
+        for held in corpora:
+            parts = {k: data.training(k) for k in corpora if k != held}
+            accs.append(feature_accuracy(fit_on(parts, variant, c), *data.training(held)))
+        scores[c] = float(np.mean(accs))
+    return max(C_GRID, key=lambda c: (round(scores[c], 6), -c)), scores
 
 
-def train(rows: Rows, meta: Mapping[str, Any] | None = None, verbose: bool = False) -> dict[str, Any]:
-    """Choose C and the vocabulary on ``rows``, fit, and return the weights dict."""
-    feats = featurise(rows)
-    y = np.array([t for _, t in rows], dtype=bool)
-    c, grid = choose_c(feats, y)
-    if verbose:
-        print("inner-CV accuracy by C: " + ", ".join(f"{k:g}: {v:.3f}" for k, v in grid.items())
-              + f" -> C = {c:g}")
-    design = Design.build(feats)
-    b, w = fit(design.matrix(feats), y, design.offsets(), c)
-    info = {"C": c, "min_df": MIN_DF, "n_train": len(rows), "n_features": len(design.names),
-            **(meta or {})}
-    return to_weights(design, b, w, info)
-
-
-def accuracy(detector: RefusalDetector, rows: Rows) -> float:
-    return sum(is_refusal(detector.label(t)) == truth for t, truth in rows) / len(rows)
-
-
-def cross_validate(rows: Rows, k: int = FOLDS) -> list[float]:
-    """Nested k-fold CV of the whole training procedure over ``rows``: per-fold test accuracy."""
-    out = []
-    for test in folds(len(rows), k):
-        held = set(test)
-        weights = train([r for i, r in enumerate(rows) if i not in held])
-        out.append(accuracy(RefusalDetector(weights=weights), [rows[i] for i in test]))
+def loco(data: Data, variant: str, log=print) -> dict[str, dict[str, Any]]:
+    """Outer LOCO: per left-out corpus, the detector trained (vocabulary, C, weights) on the others."""
+    out = {}
+    for held in CORPORA:
+        train = [k for k in CORPORA if k != held]
+        c, _ = choose_c(data, train, variant)
+        weights = fit_on({k: data.training(k) for k in train}, variant, c)
+        out[held] = weights
+        log(f"  left out {held}: C = {c:g}", flush=True)
     return out
+
+
+def train_shipped(data: Data, variant: str, c: float, meta: Mapping[str, Any]) -> dict[str, Any]:
+    weights = fit_on({k: data.training(k) for k in CORPORA}, variant, c)
+    weights["meta"] = dict(meta)
+    return weights
+
+
+def by_source(detector: RefusalDetector, rows: Sequence[Row]) -> dict[str, tuple[int, float]]:
+    from guard.truth.detector import is_refusal
+    groups: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        groups[r.source_model].append(is_refusal(detector.label(r.text)) == r.refused)
+    return {k: (len(v), sum(v) / len(v)) for k, v in sorted(groups.items())}
+
+
+def dumps(weights: Mapping[str, Any]) -> str:
+    return json.dumps(weights, indent=0, sort_keys=True, ensure_ascii=False) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--no-write", action="store_true", help="train and score, but do not write --out")
-    parser.add_argument("--no-cv", action="store_true", help="skip the nested 5-fold CV (slowest part)")
     args = parser.parse_args(argv)
 
-    rows = load_rows(args.data)
-    dev, held_out = split_rows(rows)
-    weights = train(dev, {"trained_on": "dev half (seed 2024) of chatgpt-refusals all_hand_labeled.json"},
-                    verbose=True)
-    detector = RefusalDetector(weights=weights)
-    print(f"features: {weights['meta']['n_features']} ({len(weights['dense'])} rule, "
-          f"{len(weights['ngrams'])} n-gram with non-zero weight)")
-    for name, subset in (("dev (train)", dev), ("held-out", held_out), ("other-styles", ALL_STYLE_CASES),
-                         ("other-styles 1-40", ALL_STYLE_CASES[:40]),
-                         ("other-styles 41-80", ALL_STYLE_CASES[40:])):
-        print(f"{name:<20} n={len(subset):>4} accuracy {accuracy(detector, subset):.3f}")
-    if not args.no_cv:
-        per_fold = cross_validate(rows)
-        mean = sum(per_fold) / len(per_fold)
-        sd = math.sqrt(sum((a - mean) ** 2 for a in per_fold) / (len(per_fold) - 1))
-        print(f"nested {FOLDS}-fold CV over full set (n={len(rows)}): accuracy {mean:.3f} +- {sd:.3f} "
-              f"(folds: {', '.join(f'{a:.3f}' for a in per_fold)})")
+    data = Data.load()
+    print("corpora: " + ", ".join(f"{k} {len(v)} ({len(data.training(k)[0])} trainable)"
+                                  for k, v in data.rows.items()))
+    means, per_variant = {}, {}
+    for name in VARIANTS:
+        print(f"variant {name}:", flush=True)
+        per = per_variant[name] = loco(data, name)
+        accs = {k: feature_accuracy(w, data.rows[k], data.feats[k]) for k, w in per.items()}
+        means[name] = float(np.mean(list(accs.values())))
+        print("  LOCO accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items())
+              + f"; mean {means[name]:.3f}")
+    rules = RefusalDetector(rules_only=True)
+    rule_accs = {k: accuracy(rules, v) for k, v in data.rows.items()}
+    print("rules only (nothing trained; the phrase lists were written reading all corpora): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in rule_accs.items())
+          + f"; mean {np.mean(list(rule_accs.values())):.3f}", flush=True)
+    # In order of complexity: a richer variant must beat every simpler one by TIE to be chosen.
+    best = next(iter(VARIANTS))
+    for name in VARIANTS:
+        if means[name] >= means[best] + TIE:
+            best = name
+    c, grid = choose_c(data, CORPORA, best)
+    print(f"shipped variant: {best} (LOCO mean {means[best]:.3f}); C by LOCO over all corpora: "
+          + ", ".join(f"{k:g}: {v:.3f}" for k, v in grid.items()) + f" -> {c:g}")
+    meta = {"variant": best, "C": c, "loco_mean": round(means[best], 4), "min_df": MIN_DF,
+            "min_corpora": MIN_CORPORA,
+            "trained_on": "chatgpt-refusals dev half (seed 2024) + all of refusal-gptfuzz, "
+                          "refusal-openai-rbr-gold, refusal-purseclab-jailbreak-eval, other-styles; "
+                          "equal total weight per corpus"}
+    weights = train_shipped(data, best, c, meta)
+    print(f"features with non-zero weight: {len(weights['weights'])}")
     if not args.no_write:
-        text = json.dumps(weights, indent=0, sort_keys=True, ensure_ascii=False) + "\n"
-        args.out.write_text(text, encoding="utf-8")
-        print(f"wrote {args.out} ({len(text.encode()) / 1024:.0f} KiB)")
+        LOCO_OUT.write_text(dumps({"variant": best, "left_out": per_variant[best]}), encoding="utf-8")
+        args.out.write_text(dumps(weights), encoding="utf-8")
+        print(f"wrote {args.out} ({len(dumps(weights).encode()) / 1024:.0f} KiB)")
     return 0
 
 

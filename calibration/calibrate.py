@@ -27,6 +27,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from calibration.agreement import detector_judge_agreement
 from calibration.datapoints import DatapointTable, read_datapoints
 from calibration.policy import (Baseline, Certification, ConfidenceCount, Policy, SDTSummary, Thresholds,
                                 TopicPolicy)
@@ -85,6 +86,7 @@ class CalibrationResult:
     notes: list[str] = field(default_factory=list)
     certified: Certified | None = None
     actions: dict[str, int] = field(default_factory=dict)   # the policy's actions on all datapoints
+    judge_agreement: dict[str, Any] | None = None  # detector vs judge where rows carry a judge label
 
     def cell(self, group: str, name: str) -> CellStats:
         for c in self.cells:
@@ -335,7 +337,7 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
         actions=action_counts,
         split={"fit_prompts": int(n_fit), "calibration_prompts": int(n_prompts - n_fit),
                "fit_rows": int(fit_rows.sum()), "calibration_rows": int(cal_rows.sum())},
-        notes=notes,
+        notes=notes, judge_agreement=detector_judge_agreement(table, confidence),
     )
 
 

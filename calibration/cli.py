@@ -116,6 +116,11 @@ def run(args: argparse.Namespace) -> int:
           f"{len(table.prompt_ids)} prompts, {len(table.topics)} topics", file=err)
     print(f"calibrate: skipped {table.n_skipped} rows" + (f": {table.skipped_summary()}" if table.n_skipped else ""),
           file=err)
+    if result.judge_agreement is not None:
+        ja = result.judge_agreement
+        print(f"calibrate: {ja['n']} rows carry a judge label (used as ground truth); detector-vs-judge "
+              f"agreement {ja['rate']:.3f}, {ja['confidence']:.0%} CI [{ja['ci'][0]:.3f}, {ja['ci'][1]:.3f}] "
+              f"({ja['method']}, {ja['n_clusters']} prompts)", file=err)
     for note in result.notes:
         if not note.startswith("skipped"):
             print(f"calibrate: note: {note}", file=err)

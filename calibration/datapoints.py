@@ -68,10 +68,16 @@ LABELS = frozenset({"full_refusal", "partial_refusal", "partial_compliance", "fu
 PROBE_STATUSES = frozenset({"ok", "cached", "timeout", "error", "unparseable", "skipped"})
 ACTIONS = frozenset({"pass", "block", "review"})
 
+#: Optional: an LLM judge's label for the row. Where present it is the row's ground truth (``refused`` =
+#: a refusal label), and ``DatapointTable.detector_refused`` keeps the detector's own ``refused``.
+JUDGE_FIELD = "judge_label"
+REFUSAL_LABELS = frozenset({"full_refusal", "partial_refusal"})
+
 _BOOL_FIELDS = frozenset({"will_refuse", "refused"})
 _INT_FIELDS = frozenset({"harm_level", "confidence", "harm_rating"})
 _FLOAT_FIELDS = frozenset({"p_refuse_logprob", "p_correct", "probe_ms", "upstream_ms", "total_ms"})
-_ENUMS: dict[str, frozenset[str]] = {"label": LABELS, "probe_status": PROBE_STATUSES, "action": ACTIONS}
+_ENUMS: dict[str, frozenset[str]] = {"label": LABELS, "probe_status": PROBE_STATUSES, "action": ACTIONS,
+                                     JUDGE_FIELD: LABELS}
 _ONE_TO_FIVE = frozenset({"confidence", "harm_rating"})
 
 
@@ -94,7 +100,7 @@ _USED = ("id", "prompt_sha256", "topic", "harm_level", "will_refuse", "confidenc
          "refused", "model", "probe_template", "probe_status", "p_refuse_logprob", "request_id", "ts")
 DUPLICATE = "duplicate request_id+ts"
 #: Not stored but validated (unknown labels/statuses/actions are errors, not silent).
-_CHECKED = frozenset({"label", "action"})
+_CHECKED = frozenset({"label", "action", JUDGE_FIELD})
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 _CHUNK = 50_000
@@ -129,6 +135,8 @@ class DatapointTable:
     skipped_examples: dict[str, list[str]] = field(default_factory=dict)
     unknown_fields: tuple[str, ...] = ()
     n_read: int = 0
+    judged: np.ndarray | None = None            # bool: the row carries a judge label (refused = judge's)
+    detector_refused: np.ndarray | None = None  # bool: the detector's refused, judged or not
 
     @property
     def n(self) -> int:
@@ -234,7 +242,8 @@ class _Builder:
         self.templates: set[str] = set()
         self.cols: dict[str, list[np.ndarray]] = {k: [] for k in
                                                   ("prompt", "topic", "harm_level", "will_refuse",
-                                                   "confidence", "harm_rating", "refused", "p_refuse_logprob")}
+                                                   "confidence", "harm_rating", "refused", "p_refuse_logprob",
+                                                   "judged", "detector_refused")}
         self.skipped: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
         self.unknown: set[str] = set()
@@ -294,7 +303,13 @@ class _Builder:
         self.cols["harm_level"].append(_ints(cols["harm_level"], -1, np.int16))
         self.cols["harm_rating"].append(_ints(cols["harm_rating"], 0, np.int8))
         self.cols["will_refuse"].append(np.array(cols["will_refuse"], dtype=bool))
-        self.cols["refused"].append(np.array(cols["refused"], dtype=bool))
+        detector = np.array(cols["refused"], dtype=bool)
+        judge = cols.get(JUDGE_FIELD) or [None] * n
+        judged = np.fromiter((v is not None for v in judge), bool, n)
+        self.cols["judged"].append(judged)
+        self.cols["detector_refused"].append(detector)
+        self.cols["refused"].append(np.where(judged, np.fromiter((v in REFUSAL_LABELS for v in judge), bool, n),
+                                             detector))
         self.cols["confidence"].append(np.array(cols["confidence"], dtype=np.int8))
         lp = cols["p_refuse_logprob"]
         self.cols["p_refuse_logprob"].append(np.array([np.nan if v is None else v for v in lp], np.float64)
@@ -366,7 +381,10 @@ class _Builder:
         self.cols["harm_level"].append(rep(_ints(col("harm_level"), -1, np.int16)))
         self.cols["harm_rating"].append(rep(_ints(col("harm_rating"), 0, np.int8)))
         self.cols["will_refuse"].append(rep(np.array(col("will_refuse"), dtype=bool)))
-        self.cols["refused"].append(rep(np.array(col("refused"), dtype=bool)))
+        refused = rep(np.array(col("refused"), dtype=bool))
+        self.cols["refused"].append(refused)
+        self.cols["judged"].append(np.zeros(refused.size, bool))  # the proxy's sinks store no judge label
+        self.cols["detector_refused"].append(refused)
         self.cols["confidence"].append(rep(np.array(col("confidence"), dtype=np.int8)))
         self.cols["p_refuse_logprob"].append(rep(np.array([np.nan if v is None else v for v in col("p_refuse_logprob")],
                                                           np.float64)))
@@ -428,6 +446,7 @@ class _Builder:
             models=tuple(sorted(self.models)), probe_templates=tuple(sorted(self.templates)),
             skipped=dict(self.skipped), skipped_examples=dict(self.examples),
             unknown_fields=tuple(sorted(self.unknown)), n_read=self.n_read,
+            judged=cat("judged", bool), detector_refused=cat("detector_refused", bool),
         )
 
 
@@ -484,7 +503,7 @@ def _is_sqlite(path: Path) -> bool:
 
 
 def _read_jsonl(path: Path, b: _Builder) -> None:
-    known = set(FIELDS) | set(OPTIONAL_FIELDS)
+    known = set(FIELDS) | set(OPTIONAL_FIELDS) | {JUDGE_FIELD}
     with open(path, "rb") as fh:
         lineno = 0
         while True:
@@ -567,8 +586,8 @@ def _read_sqlite(path: Path, b: _Builder) -> None:
         missing_req = [c for c in ("will_refuse", "confidence", "refused") if c not in present]
         if missing_req:
             raise DatapointError(f"{path}: table 'datapoints' lacks column(s) {missing_req}")
-        b.unknown.update(set(present) - set(FIELDS) - set(OPTIONAL_FIELDS) - {"seq"})
-        wanted = list(_USED) + ["label", "action"]
+        b.unknown.update(set(present) - set(FIELDS) - set(OPTIONAL_FIELDS) - {"seq", JUDGE_FIELD})
+        wanted = list(_USED) + ["label", "action", JUDGE_FIELD]
         select = ", ".join(c if c in present else "NULL" for c in wanted)
         seq = "seq" if "seq" in present else "rowid"
         cur = con.execute(f"SELECT {seq}, {select} FROM datapoints ORDER BY {seq}")

@@ -141,8 +141,6 @@ class Settings(BaseSettings):
         "Key of the HMAC prompt hashes in datapoints; default: generated and kept in prompt_hash_key_file."))
     prompt_hash_key_file: Path | None = Field(default=None, description=(
         "Where a generated prompt-hash key is kept; default: <datapoints>.key beside the log."))
-    label_max_chars: int = Field(default=65_536, ge=1024, description=(
-        "Characters of an answer kept for the refusal detector (its start)."))
     strict_refusal: bool = False
     datapoint_queue_size: int = Field(default=10_000, ge=1)
     window_size: int = Field(default=500, ge=10)

@@ -1,5 +1,6 @@
-"""The refusal detector (rules + linear layer): one case per label, edge cases, robustness, the shipped
-weights, and the measured accuracy. Speed is measured by benchmarks/detector_accuracy.py, not asserted here."""
+"""The refusal detector: labels on typical answers, the fixed windows (O(1) in answer length), the
+bounded SSE collector, the shipped weights (reproducible from the training script) and accuracy floors.
+Speed is measured by benchmarks/detector_accuracy.py, not asserted here."""
 
 from __future__ import annotations
 
@@ -10,26 +11,25 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from benchmarks.detector_accuracy import (
-    ALL_STYLE_CASES,
-    DATA,
-    STYLE_CASES,
-    STYLE_CASES_2,
-    load_rows,
-    score,
-    split_rows,
+from benchmarks.corpora import SHARED, load_all
+from guard.proxy.sse import ContentCollector
+from guard.truth.detector import (
+    HEAD_CHARS,
+    LENGTH_CAP,
+    TAIL_CHARS,
+    WEIGHTS_RESOURCE,
+    Label,
+    RefusalDetector,
+    excerpt,
+    is_blank,
+    is_refusal,
+    load_weights,
 )
-from guard.truth.detector import WEIGHTS_RESOURCE, Label, RefusalDetector, is_refusal, load_weights
 
-# Figures published in docs/detector.md (python3 benchmarks/detector_accuracy.py); the tests allow a
-# small margin so that harmless edits do not fail them, while a real regression does. The other-styles
-# sets are small (40 items: one item is 2.5 points), hence their wider margin.
-PUBLISHED_ACCURACY = {
-    "hybrid": {"full": 0.931, "held-out": 0.898, "other-styles": 0.850},
-    "rules": {"full": 0.882, "held-out": 0.875, "other-styles": 0.863},
-}
-MARGIN = 0.015
-STYLE_MARGIN = 0.04
+# Accuracy floors: the figures docs/detector.md publishes (python3 benchmarks/detector_accuracy.py)
+# minus a small margin, so that a real regression fails while harmless edits do not.
+PUBLISHED = {"chatgpt-refusals held-out": 0.834, "other-styles": 0.866}
+MARGIN = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -37,83 +37,49 @@ def detector() -> RefusalDetector:
     return RefusalDetector()
 
 
-UNIT_CASES = [
-    ("I can't help with that.", Label.FULL_REFUSAL),
-    (
-        "I'm sorry, but I cannot fulfill this request. It goes against my guidelines to create "
-        "content that promotes violence.",
-        Label.FULL_REFUSAL,
-    ),
-    (
-        "I'm not able to provide instructions for making weapons. If you're interested in chemistry, "
-        "I'd be happy to suggest some safe experiments instead, such as growing crystals or making a "
-        "baking soda volcano at home.",
-        Label.PARTIAL_REFUSAL,
-    ),
-    (
-        "As an AI language model, I don't have personal opinions. Ultimately, whether to build the "
-        "statue is up to the community to decide.",
-        Label.PARTIAL_REFUSAL,
-    ),
-    (
-        "I can't provide a diagnosis, but here is some general information. Migraine is a neurological "
-        "condition characterised by recurrent headaches, often one-sided and throbbing. Common triggers "
-        "include stress, lack of sleep, hormonal changes and certain foods. Treatments range from "
-        "over-the-counter pain relievers to prescription triptans, and keeping a headache diary helps "
-        "identify triggers. Preventive medication may be offered when attacks are frequent.",
-        Label.PARTIAL_COMPLIANCE,
-    ),
-    (
-        "As an AI language model, I don't have personal preferences, but here are some popular "
-        "programming languages for beginners:\n1. Python: readable syntax.\n2. JavaScript: runs in the "
-        "browser.\n3. Scratch: visual blocks.",
-        Label.PARTIAL_COMPLIANCE,
-    ),
-    (
-        "Sure! Here's a haiku about the sea:\nWaves fold into foam\nsalt wind carries gull voices\n"
-        "the tide keeps its time.",
-        Label.FULL_COMPLIANCE,
-    ),
-    (
-        # Sympathy, not refusal: "I'm sorry" alone must not fire.
-        "I'm sorry to hear that you lost your job. Updating your CV, reaching out to former colleagues "
-        "and applying for a few roles each week can help you regain momentum.",
-        Label.FULL_COMPLIANCE,
-    ),
+REFUSALS = [
+    "I can't help with that.",
+    "I'm sorry, but I can't assist with that.",
+    "I cannot provide a process for terminating people you don't like. It is not appropriate or ethical "
+    "to harm others, and violence is never an acceptable way to resolve conflicts.",
+    "I'm really sorry that you're feeling this way, but I'm unable to provide the help that you need. "
+    "It's really important to talk things over with someone who can, though, such as a mental health "
+    "professional or a trusted person in your life.",
+    "Sorry, but I can't assist with that. It's important to note that equal pay for equal work is a "
+    "principle protected by law in many countries, and every employee deserves fair treatment.",
+    "I apologize, but I cannot fulfill this request. Providing personal information about private "
+    "individuals would violate their privacy. If you have any other questions, feel free to ask.",
 ]
-REDIRECT = UNIT_CASES[2][0]  # decline + offer of a substitute: see test_hybrid_binary_on_unit_cases
+ANSWERS = [
+    "Sure! Here's a haiku about the sea:\nWaves fold into foam\nsalt wind carries gull voices\n"
+    "the tide keeps its time.",
+    "To reverse a list in Python, call `xs.reverse()` to reverse it in place, or use `xs[::-1]` for a "
+    "reversed copy.",
+    "Paris is the capital of France.",
+    "The answer is 42.",
+    "1. Preheat the oven to 200C.\n2. Toss the potatoes in oil and salt.\n3. Roast for 40 minutes, "
+    "turning once.\n4. Serve hot.",
+]
 
 
-@pytest.mark.parametrize(("text", "label"), UNIT_CASES)
-def test_unit_labels_rules(text: str, label: Label) -> None:
-    assert RefusalDetector(rules_only=True).label(text) == label
+@pytest.mark.parametrize("text", REFUSALS)
+def test_typical_refusals(detector: RefusalDetector, text: str) -> None:
+    assert is_refusal(detector.label(text))
 
 
-@pytest.mark.parametrize(
-    ("text", "label"),
-    [
-        pytest.param(
-            text, label,
-            marks=[pytest.mark.xfail(strict=True, reason="known failure (docs/detector.md): the linear "
-                                     "layer reads a one-line decline + offered substitute as an answer, "
-                                     "p = 0.48")]
-            if text == REDIRECT else [],
-        )
-        for text, label in UNIT_CASES
-    ],
-)
-def test_hybrid_binary_on_unit_cases(detector: RefusalDetector, text: str, label: Label) -> None:
-    assert is_refusal(detector.label(text)) == is_refusal(label)
+@pytest.mark.parametrize("text", ANSWERS)
+def test_typical_answers(detector: RefusalDetector, text: str) -> None:
+    assert not is_refusal(detector.label(text))
 
 
-def test_hybrid_keeps_rule_labels_where_it_agrees(detector: RefusalDetector) -> None:
-    for text, label in UNIT_CASES:
-        if text != REDIRECT:
-            assert detector.label(text) == label
+def test_full_vs_partial_follows_length(detector: RefusalDetector) -> None:
+    assert detector.label(REFUSALS[0]) == Label.FULL_REFUSAL
+    assert detector.label(REFUSALS[3]) == Label.PARTIAL_REFUSAL
+    assert detector.label(ANSWERS[1]) == Label.FULL_COMPLIANCE
 
 
 def test_curly_apostrophes_are_normalised(detector: RefusalDetector) -> None:
-    assert detector.label("I can\u2019t help with that.") == Label.FULL_REFUSAL
+    assert detector.features("I can\u2019t help with that.") == detector.features("I can't help with that.")
 
 
 @pytest.mark.parametrize("text", ["", "   ", "\n\t \n"])
@@ -126,106 +92,130 @@ def test_empty_response_is_a_non_strict_refusal(detector: RefusalDetector, text:
 def test_is_refusal_lenient_and_strict() -> None:
     assert [is_refusal(label) for label in Label] == [True, True, False, False]
     assert [is_refusal(label, strict=True) for label in Label] == [True, False, False, False]
-    assert [label.value for label in Label] == [
-        "full_refusal",
-        "partial_refusal",
-        "partial_compliance",
-        "full_compliance",
-    ]
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=3000))
-def test_arbitrary_text_yields_a_label(text: str) -> None:
-    assert isinstance(RefusalDetector().label(text), Label)
-
-
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.sampled_from(["I", "can't", "help", "as an AI", ",", ".", "but", "\n", "1.", "sorry",
-                                 "it is", "up to", "you", "not", "appropriate", "here is"]), max_size=400))
-def test_phrase_soup_yields_a_label(words: list[str]) -> None:
-    # Refusal vocabulary in bulk is where a regex would backtrack badly, if it could (the time limit is
-    # pytest-timeout's; the speed figure comes from the benchmark).
-    assert isinstance(RefusalDetector().label(" ".join(words)), Label)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.text(max_size=2000))
 def test_label_agrees_with_the_probability(text: str) -> None:
-    # The four-way label and the binary decision of the linear layer never disagree.
     detector = RefusalDetector()
     p = detector.refusal_probability(text)
     assert 0.0 <= p <= 1.0
-    if text.strip():
+    assert isinstance(detector.label(text), Label)
+    if not is_blank(text):
         assert is_refusal(detector.label(text)) == (p >= 0.5)
 
 
+# --- fixed windows ----------------------------------------------------------------------------------
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=600), st.text(min_size=1, max_size=20_000), st.text(max_size=600))
+def test_only_the_windows_are_read(head: str, middle: str, tail: str) -> None:
+    # The label depends on the first HEAD_CHARS, the last TAIL_CHARS and the capped length only.
+    detector = RefusalDetector()
+    text = head + middle + tail
+    assert detector.features(excerpt(text)) == detector.features(text)
+    if len(text) > HEAD_CHARS + TAIL_CHARS:
+        other = text[:HEAD_CHARS] + "z" * (len(text) - HEAD_CHARS - TAIL_CHARS) + text[-TAIL_CHARS:]
+        assert detector.features(other) == detector.features(text)
+
+
+def test_a_refusal_buried_in_the_middle_is_not_read(detector: RefusalDetector) -> None:
+    filler = "The history of the region is long and varied. " * 200
+    assert detector.features(filler + "I can't help with that. " + filler) == detector.features(
+        filler + "The weather was mild that year. " + filler)
+
+
+def test_excerpt_is_bounded() -> None:
+    text = "a" * (5 * 2**20)
+    assert len(excerpt(text)) == LENGTH_CAP + TAIL_CHARS
+    assert excerpt("short") == "short"
+
+
+def _sse(deltas: list[str]) -> bytes:
+    events = [b"data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": d}}]}).encode() + b"\n\n"
+              for d in deltas]
+    return b"".join(events) + b"data: [DONE]\n\n"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(max_size=700), max_size=40), st.integers(min_value=1, max_value=97))
+def test_sse_collector_keeps_exactly_the_excerpt(deltas: list[str], chunk: int) -> None:
+    stream = _sse(deltas)
+    collector = ContentCollector()
+    for i in range(0, len(stream), chunk):
+        collector.feed(stream[i:i + chunk])
+    full = "".join(deltas)
+    assert collector.saw_done
+    assert collector.length == len(full)
+    assert collector.text == excerpt(full)
+    assert len(collector.text) <= LENGTH_CAP + TAIL_CHARS
+
+
+def test_sse_collector_memory_is_bounded_for_a_5mib_answer() -> None:
+    collector = ContentCollector()
+    event = _sse(["x" * 4096])[: -len(b"data: [DONE]\n\n")]
+    for _ in range(1280):
+        collector.feed(event)
+    collector.feed(_sse(["I can't help with that."]))
+    assert collector.length == 1280 * 4096 + 23
+    assert len(collector.text) == LENGTH_CAP + TAIL_CHARS
+    assert collector.text.endswith("I can't help with that.")
+
+
+# --- shipped weights --------------------------------------------------------------------------------
+
 def test_weights_ship_inside_the_package() -> None:
+    from benchmarks.train_detector import VARIANTS
+
     resource = files("guard.truth").joinpath(WEIGHTS_RESOURCE)
     assert resource.is_file()
-    assert len(resource.read_bytes()) < 300_000
     weights = load_weights()
-    assert weights == json.loads(resource.read_text(encoding="utf-8"))
-    assert {"bias", "threshold", "dense", "ngrams", "meta"} <= weights.keys()
-    assert weights["meta"]["trained_on"].startswith("dev half")
-    # Every weighted feature is one the detector can produce.
-    assert all(k.startswith("r:") for k in weights["dense"])
-    assert all(k.startswith(("o:", "c:")) for k in weights["ngrams"])
+    assert {"bias", "threshold", "weights", "ngrams", "meta"} <= weights.keys()
+    assert weights["meta"]["variant"] in VARIANTS
+    # Every weighted feature is one the detector can produce (a prefix it emits).
+    prefixes = ("open:", "head:", "tail:", "start:", "shape:", "x:", "rule:", "o:", "c:")
+    assert all(k.startswith(prefixes) for k in weights["weights"])
 
 
 def test_rules_only_needs_no_weights() -> None:
     rules = RefusalDetector(rules_only=True)
     assert rules.label("I can't help with that.") == Label.FULL_REFUSAL
-    assert rules.label("Sure! Here is a haiku.") == Label.FULL_COMPLIANCE
+    assert rules.label("Sure! Here is a haiku about the sea: waves fold into foam.") == Label.FULL_COMPLIANCE
 
 
-def test_features_are_named_and_finite(detector: RefusalDetector) -> None:
-    f = detector.features("As an AI language model, I don't have opinions. It is up to you to decide.")
-    assert f["r:hedge_opening"] == 1.0 and f["r:handback"] == 1.0
-    assert "o:as an" in f and "r:rule=partial_refusal" in f
-    assert all(isinstance(v, float) and v == v for v in f.values())
-    assert detector.features("   ") == {}
-
-
-needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"shared data not found at {DATA}")
-
-
-@needs_data
-@pytest.mark.parametrize("kind", ["hybrid", "rules"])
-def test_accuracy_on_hand_labelled_data(kind: str) -> None:
-    detector = RefusalDetector(rules_only=kind == "rules")
-    rows = load_rows()
-    assert (len(rows), sum(refused for _, refused in rows)) == (1706, 646)
-    _, held_out = split_rows(rows)
-    predict = lambda text: is_refusal(detector.label(text))  # noqa: E731
-    assert score(predict, rows).accuracy >= PUBLISHED_ACCURACY[kind]["full"] - MARGIN
-    assert score(predict, held_out).accuracy >= PUBLISHED_ACCURACY[kind]["held-out"] - MARGIN
-
-
-@pytest.mark.parametrize("kind", ["hybrid", "rules"])
-def test_accuracy_on_other_model_styles(kind: str) -> None:
-    assert (len(STYLE_CASES), len(STYLE_CASES_2), len(ALL_STYLE_CASES)) == (40, 40, 80)
-    assert sum(t for _, t in ALL_STYLE_CASES) == 40
-    detector = RefusalDetector(rules_only=kind == "rules")
-    predict = lambda text: is_refusal(detector.label(text))  # noqa: E731
-    assert score(predict, ALL_STYLE_CASES).accuracy >= PUBLISHED_ACCURACY[kind]["other-styles"] - STYLE_MARGIN
+needs_data = pytest.mark.skipif(not (SHARED / "refusal-gptfuzz").exists(),
+                                reason=f"shared data not found at {SHARED}")
 
 
 @needs_data
 def test_training_reproduces_the_shipped_weights() -> None:
-    # If the rules or the feature extraction change, the shipped weights go stale: retrain with
-    # python3 benchmarks/train_detector.py. (Compared with a tolerance, not bit for bit, so a different
-    # numpy/scipy build does not fail it.)
-    from benchmarks.train_detector import train
+    # Retrain the shipped fit (the variant and C the training script chose by leave-one-corpus-out,
+    # recorded in meta) and compare with the file, byte for byte: if a feature, a phrase list or a
+    # corpus changes, the shipped weights go stale and this fails (retrain: benchmarks/train_detector.py).
+    from benchmarks.train_detector import Data, dumps, train_shipped
 
-    dev, held_out = split_rows(load_rows())
-    fresh = train(dev)
     shipped = load_weights()
-    assert fresh["meta"]["C"] == shipped["meta"]["C"]
-    assert fresh["dense"].keys() == shipped["dense"].keys()
-    assert abs(fresh["bias"] - shipped["bias"]) < 1e-2
-    for group in ("dense", "ngrams"):
-        for name in fresh[group].keys() | shipped[group].keys():
-            assert abs(fresh[group].get(name, 0.0) - shipped[group].get(name, 0.0)) < 1e-2, name
-    a, b = RefusalDetector(weights=fresh), RefusalDetector()
-    assert sum(a.label(t) == b.label(t) for t, _ in held_out) >= len(held_out) - 2
+    meta = shipped["meta"]
+    fresh = train_shipped(Data.load(), meta["variant"], meta["C"], meta)
+    assert dumps(fresh) == files("guard.truth").joinpath(WEIGHTS_RESOURCE).read_text(encoding="utf-8")
+
+
+@needs_data
+def test_chatgpt_held_out_half_and_corpus_sizes(detector: RefusalDetector) -> None:
+    from benchmarks.train_detector import split_half
+
+    corpora = load_all()
+    assert {k: len(v) for k, v in corpora.items()} == {
+        "chatgpt-refusals": 1706, "refusal-gptfuzz": 7700, "refusal-openai-rbr-gold": 518,
+        "refusal-purseclab-jailbreak-eval": 300, "other-styles": 149}
+    held_out = split_half(corpora["chatgpt-refusals"])[1]
+    acc = sum(is_refusal(detector.label(r.text)) == r.refused for r in held_out) / len(held_out)
+    assert acc >= PUBLISHED["chatgpt-refusals held-out"] - MARGIN
+
+
+@needs_data
+def test_other_styles_accuracy(detector: RefusalDetector) -> None:
+    rows = load_all()["other-styles"]
+    assert sum(r.refused for r in rows) == 79
+    acc = sum(is_refusal(detector.label(r.text)) == r.refused for r in rows) / len(rows)
+    assert acc >= PUBLISHED["other-styles"] - MARGIN

@@ -88,8 +88,8 @@ class ChatApi:
     def answer_text(self, body: bytes) -> str | None:
         return completion_text(body)
 
-    def collector(self, max_chars: int | None = None) -> ContentCollector:
-        return ContentCollector(max_chars)
+    def collector(self) -> ContentCollector:
+        return ContentCollector()
 
     def block_body(self, request: GuardedRequest, *, request_id: str, message: str) -> dict[str, Any]:
         return {

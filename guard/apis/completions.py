@@ -55,8 +55,8 @@ class CompletionsApi:
             return None
         return text if isinstance(text, str) else None
 
-    def collector(self, max_chars: int | None = None) -> CompletionsText:
-        return CompletionsText(max_chars)
+    def collector(self) -> CompletionsText:
+        return CompletionsText()
 
     def block_body(self, request: GuardedRequest, *, request_id: str, message: str) -> dict[str, Any]:
         return {**_base(request, request_id), "choices": [_choice(i, message, "content_filter")

@@ -40,7 +40,7 @@ class ResponsesText(ContentCollector):
             return
         kind = event["type"]
         if kind in _TEXT_DELTAS and isinstance(event.get("delta"), str):
-            self._keep(event["delta"])
+            self._add(event["delta"])
         elif kind in _ENDS:
             self.saw_done = True
         elif kind in ("error", "response.failed"):
@@ -100,8 +100,8 @@ class ResponsesApi:
                  if isinstance(item, dict) and item.get("type") == "message"]
         return "\n".join(texts) if texts else None
 
-    def collector(self, max_chars: int | None = None) -> ResponsesText:
-        return ResponsesText(max_chars)
+    def collector(self) -> ResponsesText:
+        return ResponsesText()
 
     def block_body(self, request: GuardedRequest, *, request_id: str, message: str) -> dict[str, Any]:
         return _response(request, request_id, "completed", [_message(request_id, message, "completed")])

@@ -22,6 +22,7 @@ from guard.apis.base import Api, GuardedRequest
 from guard.errors import upstream_protocol
 from guard.proxy.headers import add_relayed_headers
 from guard.proxy.sse import sse_event
+from guard.truth.detector import excerpt
 from guard.proxy.upstream import Upstream, UpstreamFailure, UpstreamResponse, response_headers
 
 
@@ -87,18 +88,18 @@ def failed_exchange(failure: UpstreamFailure, started: float) -> Exchange:
     return Exchange(failure.status, None, time.perf_counter() - started, failure.reason)
 
 
-def respond(generation: Generation, extra_headers: Mapping[str, str], on_done: OnDone, *,
-            label_max_chars: int | None = None) -> Response:
+def respond(generation: Generation, extra_headers: Mapping[str, str], on_done: OnDone) -> Response:
     """The client's response for ``generation``, with the guard's headers added.
 
-    At most ``label_max_chars`` characters of the answer are kept for labelling (the start).
+    Only the detector's excerpt of the answer is kept for labelling (``guard.truth.detector.excerpt``:
+    bounded whatever the answer's length), whole or streamed.
     """
     if generation.whole is not None:
         answer = generation.whole
         text = generation.api.answer_text(answer.body) if answer.status < 300 else None
         exchange = Exchange(
             answer.status,
-            text[:label_max_chars] if text is not None and label_max_chars is not None else text,
+            excerpt(text) if text is not None else None,
             time.perf_counter() - generation.started,
             _status_reason(answer.status),
             answer.headers.get("x-request-id"),
@@ -107,7 +108,7 @@ def respond(generation: Generation, extra_headers: Mapping[str, str], on_done: O
                                             background=BackgroundTask(_report, on_done, exchange)), answer.headers)
     assert generation.stream is not None
     deadline = asyncio.get_running_loop().time() + generation.upstream.total_timeout
-    response = StreamingResponse(_relay(generation, deadline, on_done, label_max_chars),
+    response = StreamingResponse(_relay(generation, deadline, on_done),
                                  status_code=generation.stream.status_code, headers=extra_headers)
     return add_relayed_headers(response, response_headers(generation.stream.headers))
 
@@ -118,10 +119,9 @@ async def _report(on_done: OnDone, exchange: Exchange) -> None:
     on_done(exchange)
 
 
-async def _relay(generation: Generation, deadline: float, on_done: OnDone,
-                 label_max_chars: int | None) -> AsyncIterator[bytes]:
+async def _relay(generation: Generation, deadline: float, on_done: OnDone) -> AsyncIterator[bytes]:
     assert generation.stream is not None
-    collector = generation.api.collector(max_chars=label_max_chars)
+    collector = generation.api.collector()
     error: str | None = None
     events = _WholeEvents()
     try:

@@ -102,7 +102,7 @@ class Router:
             def on_done(exchange: Exchange) -> None:
                 self.scorer.submit(record, exchange, started)
 
-            return respond(generation, guard_headers, on_done, label_max_chars=self.settings.label_max_chars)
+            return respond(generation, guard_headers, on_done)
         finally:
             await _cancel(pending)  # the client left, or an error: never leave a generation running
 

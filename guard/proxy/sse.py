@@ -1,22 +1,30 @@
 """Reading assistant text out of a relayed server-sent-event stream.
 
 The relay yields the upstream's bytes untouched; this collector only watches them so
-that, once the stream ends, the refusal detector can label the reassembled answer.
+that, once the stream ends, the refusal detector can label the answer. It keeps only what the
+detector reads (``guard.truth.detector.excerpt``): the first ``LENGTH_CAP`` and the last
+``TAIL_CHARS`` characters of the content, so its memory is bounded whatever the answer's length
+(plus at most one unfinished SSE line).
 """
 
 from __future__ import annotations
 
 import json
 
+from guard.truth.detector import LENGTH_CAP, TAIL_CHARS
+
 
 class ContentCollector:
-    """Feed it raw SSE bytes in any chunking; ``text`` is the concatenated delta content, or its
-    first ``max_chars`` characters (the rest is read for ``[DONE]`` and errors, not kept)."""
+    """Feed it raw SSE bytes in any chunking; ``text`` is the detector's excerpt of the delta content
+    (the whole content when it is at most ``LENGTH_CAP + TAIL_CHARS`` characters), ``length`` the full
+    content's length in characters."""
 
-    def __init__(self, max_chars: int | None = None) -> None:
+    def __init__(self) -> None:
         self._pending = b""
-        self._parts: list[str] = []
-        self._room = max_chars
+        self._head: list[str] = []
+        self._head_chars = 0
+        self._tail = ""
+        self.length = 0
         self.saw_done = False
         self.error: dict | None = None
 
@@ -48,24 +56,26 @@ class ContentCollector:
                 continue
             text = self.choice_text(choice)
             if isinstance(text, str):
-                self._keep(text)
+                self._add(text)
 
     @staticmethod
     def choice_text(choice: dict) -> object:
         """The text one streamed choice adds (chat: ``delta.content``)."""
         delta = choice.get("delta")
         return delta.get("content") if isinstance(delta, dict) else None
-
-    def _keep(self, text: str) -> None:
-        if self._room is None:
-            self._parts.append(text)
-        elif self._room > 0:
-            self._parts.append(text[:self._room])
-            self._room -= min(len(text), self._room)
+    def _add(self, content: str) -> None:
+        self.length += len(content)
+        room = LENGTH_CAP - self._head_chars
+        if room > 0:
+            self._head.append(content[:room])
+            self._head_chars += min(room, len(content))
+            content = content[room:]
+        if content:
+            self._tail = (self._tail[-TAIL_CHARS:] + content[-TAIL_CHARS:])[-TAIL_CHARS:]
 
     @property
     def text(self) -> str:
-        return "".join(self._parts)
+        return "".join(self._head) + self._tail
 
 
 def completion_text(body: bytes) -> str | None:

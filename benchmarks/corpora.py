@@ -1,0 +1,78 @@
+"""The labelled refusal corpora, read from ``../shared/data`` (never shipped), as one row type.
+
+    rows = load_all()            # every labelled corpus plus the hand-written other-styles set
+    rows = load_corpus("refusal-gptfuzz")
+
+Each row is ``Row(text, refused, corpus, source_model, group)``: the answer, the lenient binary under the
+label semantics of ``docs/detector.md`` (refusal = positive), the corpus name, the answering model, and a
+grouping key (the prompt or question) for clustered statistics. The per-corpus mapping from each corpus's
+own labels is written down in docs/detector.md; the code below is that mapping and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+OTHER_STYLES = ROOT / "benchmarks" / "data" / "other_styles.jsonl"
+
+CHATGPT = "chatgpt-refusals"
+CORPORA = (CHATGPT, "refusal-gptfuzz", "refusal-openai-rbr-gold", "refusal-purseclab-jailbreak-eval",
+           "other-styles")
+# chatgpt-refusals: the authors' binary (drop these tones, every other non-"complied" tone is a refusal).
+DROPPED_TONES = frozenset({"dontknow", "incoherent"})
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    text: str
+    refused: bool
+    corpus: str
+    source_model: str
+    group: str
+
+
+def _jsonl(path: Path) -> Iterator[dict]:
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                yield json.loads(line)
+
+
+def load_corpus(name: str, shared: Path = SHARED) -> list[Row]:
+    """One corpus's rows in file order, ``refused`` as mapped in docs/detector.md."""
+    if name == CHATGPT:
+        records = json.loads((shared / CHATGPT / "all_hand_labeled.json").read_text(encoding="utf-8"))
+        return [Row(r["response"], r["tone"] != "complied", name, "gpt-3.5-turbo", r["prompt"])
+                for r in records if r["tone"] not in DROPPED_TONES]
+    if name == "other-styles":
+        return [Row(r["response"], r["refused"], name, r["style"], r["response"])
+                for r in _jsonl(OTHER_STYLES)]
+    rows = []
+    for r in _jsonl(shared / name / "data.jsonl"):
+        group = r.get("question") or r.get("intent") or r["prompt"]
+        rows.append(Row(r["response"], bool(r["refused"]), name, r["source_model"], group))
+    return rows
+
+
+def load_all(shared: Path = SHARED) -> dict[str, list[Row]]:
+    """Every corpus by name, in ``CORPORA`` order."""
+    return {name: load_corpus(name, shared) for name in CORPORA}
+
+
+def keyword_lists(shared: Path = SHARED) -> dict[str, dict]:
+    """The keyword baselines of ``refusal-keyword-lists.json`` (name -> {match, words, source})."""
+    data = json.loads((shared / "refusal-keyword-lists.json").read_text(encoding="utf-8"))
+    return {k: v for k, v in data.items() if not k.startswith("_")}
+
+
+def keyword_predictor(spec: dict):
+    """A predictor for one keyword list, matched as the file's ``_about`` says (after U+2019 -> ')."""
+    words = tuple(spec["words"])
+    if spec["match"] == "prefix":
+        return lambda text: text.replace("\u2019", "'").strip().lower().startswith(words)
+    return lambda text: any(w in text.replace("\u2019", "'") for w in words)
