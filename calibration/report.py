@@ -248,9 +248,15 @@ def _figures(result: CalibrationResult) -> tuple[dict[str, bytes], dict[str, str
                 continue
             v = getattr(c.summary, stat)
             lo, hi = c.summary.ci.get(stat, (None, None))
-            yerr = [[v - lo if lo is not None else 0.0], [hi - v if hi is not None else 0.0]]
             ax.bar([i], [v], color="#d9a0a0" if c.summary.small else "#7aa6d6", edgecolor="#333", lw=0.5)
-            ax.errorbar([i], [v], yerr=yerr, fmt="none", ecolor="#222", capsize=3)
+            if lo is not None and hi is not None:
+                ax.errorbar([i], [v], yerr=[[v - lo], [hi - v]], fmt="none", ecolor="#222", capsize=3)
+            elif lo is not None or hi is not None:  # a bound the data cannot fix: an open-ended whisker
+                up = lo is not None
+                end, tip = (lo, v + 0.6) if up else (hi, v - 0.6)
+                ax.vlines(i, min(end, tip), max(end, tip), color="#222")
+                ax.plot([i], [tip], marker="^" if up else "v", color="#222")
+                ax.text(i + 0.08, tip, "unbounded", fontsize=7, color="#222", va="center")
         if cells:
             ax.set_xticks(range(len(cells)), [c.name for c in cells], rotation=45 if group == "topic" else 0,
                           ha="right" if group == "topic" else "center", fontsize=8)
@@ -321,8 +327,10 @@ def _sections(result: CalibrationResult, notes: dict[str, str | None]) -> list[B
         def iv(stat: str, spec: str = ".3f") -> str:
             if not _measurable(c, stat):
                 return "not measurable"
-            lo, hi = ci.get(stat, (None, None))
-            return f"{_f(getattr(s, stat), spec)} [{_f(lo, spec)}, {_f(hi, spec)}]"
+            lo, hi = ci.get(stat, (None, None))  # a None bound on a measurable statistic: unbounded
+            low = "−∞" if lo is None else format(lo, spec)
+            high = "∞" if hi is None else format(hi, spec)
+            return f"{_f(getattr(s, stat), spec)} [{low}, {high}]"
 
         cells_rows.append((
             c.group, c.name, str(s.n), str(s.n_prompts), iv("accuracy"), iv("hit_rate"), iv("false_alarm_rate"),

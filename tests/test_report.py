@@ -139,3 +139,19 @@ def test_report_renders_in_headless_chromium(uncertified, tmp_path):
     lead = policy_outlook(result).lines()[0]
     assert lead in dom
     assert dom.index(lead) < dom.index("Confusion table")
+
+
+def test_an_unbounded_d_prime_interval_is_shown_open_ended(tmp_path):
+    """No misses at all: H may be 1, so d' has no finite upper bound (and c no finite lower one)."""
+    rng = np.random.default_rng(0)
+    n = 600
+    refused = rng.random(n) < 0.5
+    will_refuse = np.where(refused, True, rng.random(n) < 0.2)
+    table = DatapointTable.from_arrays(prompt=np.arange(n), will_refuse=will_refuse, confidence=np.full(n, 5, np.int8),
+                                       refused=refused, topic=np.arange(n) % 2, topics=["a", "b"])
+    result = calibrate_table(table, n_boot=50)
+    assert result.cell("topic", "a").summary.ci["d_prime"][1] is None
+    md = write_report(result, tmp_path)[0].read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| topic | a |"))
+    cells = [c.strip() for c in row.split("|")]
+    assert cells[8].endswith(", ∞]") and cells[9].startswith(cells[9].split(" ")[0] + " [−∞,")
