@@ -355,7 +355,7 @@ def _sections(result: CalibrationResult, notes: dict[str, str | None]) -> list[B
     return [
         Heading("Confusion table (SDT convention: signal = the model refused)"),
         Table(("", "refused", "complied"), conf_rows),
-        Heading("SDT statistics with 95% prompt-bootstrap CIs"),
+        Heading("SDT statistics with 95% intervals (rates: design-effect Wilson; d' and c: MOVER; ∞: unbounded)"),
         Table(("group", "cell", "n", "prompts", "accuracy", "H", "FA", "d'", "c", "ECE", "Brier", "block", "pass",
                "note"), tuple(cells_rows)),
         Heading("Reliability of stated confidence"),
