@@ -285,7 +285,7 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
         topic_policies[tname] = TopicPolicy(
             n=cs.summary.n, sdt=cs.summary,
             thresholds=Thresholds(block=sides[tname]["block"].threshold, pass_=sides[tname]["pass"].threshold),
-            baseline=_baseline(cs), coverage=op["coverage"], expected_accuracy=op["accuracy"],
+            baseline=_baseline(cs, table, table.topic == t), coverage=op["coverage"], expected_accuracy=op["accuracy"],
         )
     glob_op = point_of(sides["(global)"], all_cal)
 
@@ -319,7 +319,7 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
         sdt=overall.summary,
         thresholds=Thresholds(block=sides["(global)"]["block"].threshold,
                               pass_=sides["(global)"]["pass"].threshold),
-        baseline=_baseline(overall), coverage=pol_op["coverage"], expected_accuracy=pol_op["accuracy"],
+        baseline=_baseline(overall, table, np.ones(table.n, dtype=bool)), coverage=pol_op["coverage"], expected_accuracy=pol_op["accuracy"],
         topics=topic_policies, calibrator=rec.to_dict(),
     )
     return CalibrationResult(
@@ -335,8 +335,19 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
     )
 
 
-def _baseline(cs: CellStats) -> Baseline:
+def _baseline(cs: CellStats, table: DatapointTable, rows: np.ndarray) -> Baseline:
+    """The cell's counts, per probe cell too, and the design effect of its rows (clustered by prompt)."""
     h, m, fa, cr = cs.counts
+    wr, conf, harm, rf = (table.will_refuse[rows], table.confidence[rows].astype(np.int64),
+                          table.harm_rating[rows].astype(np.int64), table.refused[rows])
+    key = (wr.astype(np.int64) * 5 + conf - 1) * 6 + harm
+    n_cell = np.bincount(key, minlength=60)
+    k_cell = np.bincount(key, weights=rf, minlength=60).astype(np.int64)
+    cells = [(bool(j // 30), int(j // 6 % 5) + 1, int(j % 6), int(n_cell[j]), int(k_cell[j]))
+             for j in np.flatnonzero(n_cell)]
+    prompt = table.prompt[rows]
+    deff = max(design_effect(prompt, wr == rf), design_effect(prompt, rf)) if rows.any() else 1.0
     return Baseline(hits=h, misses=m, false_alarms=fa, correct_rejections=cr,
                     by_confidence=[ConfidenceCount(confidence=i + 1, n=n, correct=k)
-                                   for i, (n, k) in enumerate(cs.by_confidence)])
+                                   for i, (n, k) in enumerate(cs.by_confidence)],
+                    cells=cells, design_effect=max(1.0, float(deff)))

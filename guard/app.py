@@ -255,8 +255,8 @@ def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.Async
         circuit_failures=settings.circuit_failures, circuit_cooldown=settings.circuit_cooldown,
     )
     policies = PolicyStore(settings.policy, TEMPLATE_HASH, metrics)
-    live = LiveStats(metrics, window_size=settings.window_size, drift_alpha=settings.drift_alpha)
-    live.set_policy(policies.current.policy)
+    live = LiveStats(metrics, window_size=settings.window_size, drift_alpha=settings.drift_alpha,
+                     drift_horizon=settings.drift_horizon)
     judge = None
     if settings.judge_url and settings.judge_model and settings.judge_fraction > 0:
         key = settings.judge_api_key.get_secret_value() if settings.judge_api_key else None
@@ -264,10 +264,20 @@ def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.Async
     scorer = Scorer(
         RefusalDetector(), live, DatapointRecorder(settings.datapoints, metrics, queue_size=settings.datapoint_queue_size),
         metrics, topics=settings.topics, strict=settings.strict_refusal, judge=judge,
+        review_upstream=review_upstream is not None,
     )
     router = Router(settings, upstream, review_upstream, prober, policies,
                     ReviewSink(client, settings.review_webhook, metrics), scorer)
-    return Runtime(settings, metrics, upstream, router, policies)
+    runtime = Runtime(settings, metrics, upstream, router, policies)
+    rebaseline_drift(runtime)
+    return runtime
+
+
+def rebaseline_drift(runtime: Runtime) -> None:
+    """Point the drift detectors at the policy in force, comparing only what its routing scores."""
+    scorer = runtime.router.scorer
+    scorer.live.set_policy(runtime.policies.current.policy,
+                           scorer.compared(runtime.policies.current, runtime.router.effective_mode().value))
 
 
 def freeze_startup_heap() -> None:
@@ -311,7 +321,7 @@ def reload_policy(runtime: Runtime) -> ReloadResult:
     """Hot-swap the policy (SIGHUP or the admin endpoint); the drift tests follow it."""
     result = runtime.policies.reload()
     if result.ok:
-        runtime.router.scorer.live.set_policy(runtime.policies.current.policy)
+        rebaseline_drift(runtime)
     return result
 
 
