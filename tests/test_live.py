@@ -7,6 +7,7 @@ import json
 import math
 import sqlite3
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -218,3 +219,21 @@ def test_compared_cells_follow_the_routing(policy):
             expected = action == "pass" or (action == "review" and not review_upstream)
             assert compared(*cell) == expected, (cell, action)
         assert all(scorer.compared(active, "shadow")(*cell) for cell in cells)  # shadow: every answer is the model's
+
+
+def test_exported_metrics_match_the_deploy_contract(policy):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("contract", Path(__file__).resolve().parent.parent / "deploy" / "metrics_contract.py")
+    contract = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(contract)
+    registry = CollectorRegistry()
+    live = LiveStats(GuardMetrics(registry), window_size=50, drift_alpha=0.01, wall_clock=lambda: 1.0)
+    live.set_policy(policy)
+    feed(live, stream(600, 0.5, seed=31), blocking=False)   # a drifted stream: every drift series appears
+    live.flush()
+    gauges = {s.name: tuple(sorted(s.labels)) for family in registry.collect() if family.type == "gauge"
+              for s in family.samples}
+    assert {n: tuple(sorted(l)) for n, l in contract.GAUGES.items() if n in gauges} == gauges
+    assert {"refusal_guard_window_scored", "refusal_guard_window_sdt_defined", "refusal_guard_drift_threshold",
+            "refusal_guard_drift_last_alarm_timestamp_seconds", "refusal_guard_drift_compared"} <= set(gauges)
