@@ -156,6 +156,13 @@ class GuardMetrics:
         for result in ("hit", "miss", "shared"):
             self.probe_cache.labels(result)
 
+    @staticmethod
+    def absent(gauge: Gauge, *labels: str) -> None:
+        """Withdraw a labelled gauge value: removed, or NaN in multiprocess mode (which cannot remove)."""
+        gauge.labels(*labels).set(float("nan"))
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            gauge.remove(*labels)
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text; merged across worker processes in multiprocess mode."""
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):

@@ -39,7 +39,6 @@ the counters through the recording rules in ``deploy/prometheus``.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -222,13 +221,13 @@ class LiveStats:
             if defined:
                 gauge.labels(key).set(value)
             else:
-                _absent(gauge, key)
+                self.metrics.absent(gauge, key)
         if n:
             self.metrics.accuracy.labels(key).set(stats.accuracy)
             self.metrics.ece.labels(key).set(ece_from_counts(window.by_conf[0], window.by_conf[1]))
         else:
-            _absent(self.metrics.accuracy, key)
-            _absent(self.metrics.ece, key)
+            self.metrics.absent(self.metrics.accuracy, key)
+            self.metrics.absent(self.metrics.ece, key)
 
     def _drift_update(self, key: str, drift: _Drift, correct: bool, refused: bool) -> None:
         alarm = False
@@ -247,8 +246,3 @@ class LiveStats:
         """The alarm of every key with detectors (read-only copy)."""
         return dict(self._alarm)
 
-
-def _absent(gauge, key: str) -> None:
-    """Remove a labelled series; in multiprocess mode (cannot remove) it reads NaN instead."""
-    gauge.labels(key).set(math.nan)
-    gauge.remove(key)
