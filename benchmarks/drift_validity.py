@@ -3,6 +3,7 @@
 
     python benchmarks/drift_validity.py                 # the issue's sizes (a few minutes on 2 cores)
     python benchmarks/drift_validity.py --quick         # small sizes, a smoke run
+    python benchmarks/drift_validity.py --section delays   # one section (each is seeded on its own)
 
 Simulated guard traffic: 5 topics (equal shares; refusal rates .15 .22 .28 .34 .41), the model
 refuses with its topic's rate, the probe's evidence is ``z ~ N(+-d'/2, 1)`` (+ when the model
@@ -16,6 +17,7 @@ What is measured, for exactly the guarantee each method claims:
   or blocked requests in which any of the 12 tests (accuracy and refusal rate x 5 topics + all)
   alarms. The new detectors promise ``<= alpha`` within ``horizon`` requests (here horizon =
   length); the old test promised ``<= alpha`` per test for ever, with the baseline rate known.
+* **alarm clearing**: how many compared requests the alarm takes to return to 0 once a change is undone.
 * **detection delay**: requests from the change (d' 3.0 -> 1.5 or 2.5 at request ``nu``) to the
   first alarm at or after it, median over streams (streams alarmed at ``nu`` already count 0 and are
   reported). The old test is run with the *exact* rate (the best case it assumed), as in the issue.
@@ -39,7 +41,8 @@ import numpy as np
 from scipy.special import betaln
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from calibration.drift import CAP_NATS, Budget, alternatives, e_values, rate_interval, sr_step  # noqa: E402
+from calibration.drift import (CAP_NATS, Budget, ChangeDetector, alternatives, e_values,  # noqa: E402
+                              rate_interval, sr_step)
 from calibration.policy import Baseline  # noqa: E402
 from guard.live.windows import compared_counts  # noqa: E402
 
@@ -238,6 +241,12 @@ def true_rates(blocking: bool) -> np.ndarray:
     return out
 
 
+def accuracy_at(d_prime: float) -> float:
+    """Exact accuracy of all topics together at this d' (large simulated sample)."""
+    big = draw(np.random.default_rng(998), (4_000_000,), d_prime)
+    return float((big.will_refuse == big.refused).mean())
+
+
 def estimated_rates(bases: list[dict[str, Baseline]]) -> np.ndarray:
     out = np.zeros((len(bases), K + 1, 2))
     for s, per in enumerate(bases):
@@ -284,7 +293,7 @@ def main() -> int:
     ap.add_argument("--late", type=int, default=500_000, help="the late change point")
     ap.add_argument("--alpha", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=2026)
-    ap.add_argument("--section", choices=("all", "false-alarms", "delays"), default="all",
+    ap.add_argument("--section", choices=("all", "false-alarms", "delays", "clearing"), default="all",
                     help="each configuration has its own seeded generator, so a section alone gives the same figures")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -330,6 +339,26 @@ def main() -> int:
             label = f"3.0 -> {d_after} at {nu:,}"
             print(f"{label:<24} {fmt_delay(old, nu, old_pre):<40} {old_pre.mean():<18.3f} "
                   f"{fmt_delay(new, nu, on):<40} {on.mean():.3f}", flush=True)
+    if args.section in ("all", "clearing"):
+        print()
+        rng = np.random.default_rng([args.seed, 20])
+        acc_before, acc_after = true_rates(False)[K, 0], accuracy_at(1.5)
+        budget = Budget(args.alpha, args.length, n_tests=METRICS * (K + 1))
+        clear = []
+        for _ in range(args.delay_streams):
+            det = ChangeDetector(rng.binomial(BASELINE_ROWS, acc_before), BASELINE_ROWS,
+                                 alpha_interval=budget.alpha_interval, log_threshold=budget.log_threshold)
+            for _ in range(3_000):
+                det.update(bool(rng.random() < acc_after))
+            steps = 0
+            while det.alarm:
+                det.update(bool(rng.random() < acc_before))
+                steps += 1
+            clear.append(steps)
+        q = np.percentile(clear, [10, 50, 90])
+        print(f"Alarm clearing ('all' accuracy detector, ChangeDetector itself, {args.delay_streams} streams): after 3,000 "
+              f"requests at d' 1.5 (accuracy {acc_after:.3f}) the rate returns to {acc_before:.3f}; compared requests "
+              f"until the alarm is 0: median {q[1]:.0f} (10%-90%: {q[0]:.0f}-{q[2]:.0f})")
     print(f"\n({time.perf_counter() - t0:.0f} s in all)")
     return 0
 
