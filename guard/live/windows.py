@@ -27,8 +27,8 @@ therefore change which cells are compared, never the rates compared. A policy wi
 
 Alarm lifecycle: ``refusal_guard_drift_alarm{topic}`` is 1 while either detector of the topic is at
 or above its threshold and returns to 0 by itself when the evidence has gone (the detectors'
-statistics are capped just above the threshold, so they fall back within a few dozen requests of
-the rate returning); ``refusal_guard_drift_last_alarm_timestamp_seconds{topic}`` is the wall time at
+statistics are capped a few nats above the threshold, so they fall back within several hundred
+compared requests of the rate returning; benchmarks/drift_validity.py measures it); ``refusal_guard_drift_last_alarm_timestamp_seconds{topic}`` is the wall time at
 which the alarm last went from 0 to 1. A new policy (reload) rebuilds every detector against its
 baseline and clears the alarms (the last-alarm times stay).
 
