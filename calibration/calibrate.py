@@ -34,8 +34,8 @@ from calibration.policy import (Baseline, Certification, ConfidenceCount, Policy
 from calibration.reliability import Recalibrator, ece_prob, reliability_table
 from calibration.sdt import (STAT_NAMES, UNMEASURABLE_REASONS, bootstrap_counts, sdt_from_counts, sdt_intervals,
                              unmeasurable)
-from calibration.thresholds import (GLOBAL, Certified, SideThreshold, certify_policy, cluster_bound, icc,
-                                    risk_coverage, route)
+from calibration.thresholds import (GLOBAL, Certified, SideThreshold, certify_policy, cluster_bound, design_effect,
+                                    icc, risk_coverage, route)
 
 __all__ = ["CalibrationError", "CalibrationResult", "CellStats", "calibrate", "calibrate_table",
            "split_prompts", "fit_and_certify", "policy_thresholds", "FIT_FRACTION",
@@ -293,7 +293,7 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
         cs = cells[1 + t]
         topic_policies[tname] = TopicPolicy(
             n=cs.summary.n, sdt=cs.summary, thresholds=side_cuts.get(tname) if tname in cert.own_topics else None,
-            baseline=_baseline(cs), coverage=op["coverage"], expected_accuracy=op["accuracy"],
+            baseline=_baseline(cs, table, table.topic == t), coverage=op["coverage"], expected_accuracy=op["accuracy"],
         )
     all_cal = np.ones(c_wr.shape, dtype=bool)
     glob_op = op_of(route(score, c_wr, side_cuts[GLOBAL].block, side_cuts[GLOBAL].pass_), all_cal)
@@ -317,7 +317,7 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
         n=table.n, n_prompts=n_prompts, target_accuracy=target_accuracy, confidence=confidence,
         sdt=overall.summary,
         thresholds=side_cuts[GLOBAL],
-        baseline=_baseline(overall), coverage=pol_op["coverage"], expected_accuracy=pol_op["accuracy"],
+        baseline=_baseline(overall, table, np.ones(table.n, dtype=bool)), coverage=pol_op["coverage"], expected_accuracy=pol_op["accuracy"],
         topics=topic_policies,
         certification=Certification(
             method="select on fitting split, certify on calibration split: fixed-sequence Clopper-Pearson "
@@ -393,8 +393,19 @@ def policy_thresholds(cert: Certified, score: np.ndarray, will_refuse: np.ndarra
     return out
 
 
-def _baseline(cs: CellStats) -> Baseline:
+def _baseline(cs: CellStats, table: DatapointTable, rows: np.ndarray) -> Baseline:
+    """The cell's counts, per probe cell too, and the design effect of its rows (clustered by prompt)."""
     h, m, fa, cr = cs.counts
+    wr, conf, harm, rf = (table.will_refuse[rows], table.confidence[rows].astype(np.int64),
+                          table.harm_rating[rows].astype(np.int64), table.refused[rows])
+    key = (wr.astype(np.int64) * 5 + conf - 1) * 6 + harm
+    n_cell = np.bincount(key, minlength=60)
+    k_cell = np.bincount(key, weights=rf, minlength=60).astype(np.int64)
+    cells = [(bool(j // 30), int(j // 6 % 5) + 1, int(j % 6), int(n_cell[j]), int(k_cell[j]))
+             for j in np.flatnonzero(n_cell)]
+    prompt = table.prompt[rows]
+    deff = max(design_effect(prompt, wr == rf), design_effect(prompt, rf)) if rows.any() else 1.0
     return Baseline(hits=h, misses=m, false_alarms=fa, correct_rejections=cr,
                     by_confidence=[ConfidenceCount(confidence=i + 1, n=n, correct=k)
-                                   for i, (n, k) in enumerate(cs.by_confidence)])
+                                   for i, (n, k) in enumerate(cs.by_confidence)],
+                    cells=cells, design_effect=max(1.0, float(deff)))

@@ -110,6 +110,12 @@ class Baseline(_Frozen):
     accuracy: float | None = None
     refusal_rate: float | None = None
     by_confidence: list[ConfidenceCount] = Field(default_factory=list)
+    #: Counts per probe cell ``(will_refuse, confidence, harm_rating (0 = missing), n, refused)``, so the
+    #: live drift tests compare like with like (only the cells whose answers the live stream scores);
+    #: empty in policies written before they were recorded.
+    cells: list[tuple[bool, int, int, int, int]] = Field(default_factory=list)
+    #: Kish design effect of these rows (several rows per prompt); the drift tests divide counts by it.
+    design_effect: float = Field(default=1.0, ge=1.0)
 
     @model_validator(mode="before")
     @classmethod

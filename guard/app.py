@@ -307,8 +307,8 @@ def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.Async
         dialect_retry=settings.probe_dialect_retry,
     )
     policies = PolicyStore(settings.policy, TEMPLATE_HASH, metrics)
-    live = LiveStats(metrics, window_size=settings.window_size, drift_alpha=settings.drift_alpha)
-    live.set_policy(policies.current.policy)
+    live = LiveStats(metrics, window_size=settings.window_size, drift_alpha=settings.drift_alpha,
+                     drift_horizon=settings.drift_horizon)
     judge = None
     if settings.judge_url and settings.judge_model and settings.judge_fraction > 0:
         key = settings.judge_api_key.get_secret_value() if settings.judge_api_key else None
@@ -319,10 +319,20 @@ def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.Async
                   retention=Retention(settings.datapoint_max_age, settings.datapoint_max_rows),
                   hasher=PromptHasher(prompt_hash_key(settings))),
         metrics, topics=settings.topics, strict=settings.strict_refusal, judge=judge, tracing=tracing,
+        review_upstream=review_upstream is not None,
     )
     router = Router(settings, upstream, review_upstream, prober, policies,
                     ReviewSink(client, settings.review_webhook, metrics), scorer, tracing or Tracing())
-    return Runtime(settings, metrics, upstream, router, policies)
+    runtime = Runtime(settings, metrics, upstream, router, policies)
+    rebaseline_drift(runtime)
+    return runtime
+
+
+def rebaseline_drift(runtime: Runtime) -> None:
+    """Point the drift detectors at the policy in force, comparing only what its routing scores."""
+    scorer = runtime.router.scorer
+    scorer.live.set_policy(runtime.policies.current.policy,
+                           scorer.compared(runtime.policies.current, runtime.router.effective_mode().value))
 
 
 def prompt_hash_key(settings: Settings) -> bytes:
@@ -376,7 +386,7 @@ def reload_policy(runtime: Runtime) -> ReloadResult:
     """Hot-swap the policy (SIGHUP or the admin endpoint); the drift tests follow it."""
     result = runtime.policies.reload()
     if result.ok:
-        runtime.router.scorer.live.set_policy(runtime.policies.current.policy)
+        rebaseline_drift(runtime)
     return result
 
 

@@ -145,6 +145,8 @@ class Settings(BaseSettings):
     datapoint_queue_size: int = Field(default=10_000, ge=1)
     window_size: int = Field(default=500, ge=10)
     drift_alpha: float = Field(default=0.01, gt=0, lt=1)
+    drift_horizon: int = Field(default=100_000, ge=100, description=(
+        "Scored requests (fleet-wide, since the policy loaded) within which P(any false drift alarm) <= drift_alpha."))
     judge_url: str | None = None
     judge_model: str | None = None
     judge_api_key: SecretStr | None = None

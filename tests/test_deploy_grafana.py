@@ -138,3 +138,19 @@ def test_grafana_provisioning() -> None:
     mounts = compose["services"]["grafana"]["volumes"]
     assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in mounts
     assert "./grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts
+
+
+def test_dashboard_is_honest_about_missing_data_and_modes() -> None:
+    board = json.loads(DASHBOARD.read_text())
+    panels = [p for p in board["panels"] if p["type"] != "row"]
+    assert all(p["fieldConfig"]["defaults"]["noValue"] == "no data" for p in panels)
+    by_title = {p["title"]: p for p in panels}
+    flag = by_title["Window SDT defined per replica"]
+    assert "refusal_guard_window_sdt_defined" in flag["targets"][0]["expr"]
+    assert flag["fieldConfig"]["defaults"]["mappings"][0]["options"]["0"]["text"] == "SDT undefined"
+    assert "refusal_guard_window_scored" in by_title["Window n per replica"]["targets"][0]["expr"]
+    assert "refusal_guard_drift_last_alarm_timestamp_seconds" in by_title["Last drift alarm"]["targets"][0]["expr"]
+    shares = [t["expr"] for p in panels for t in p["targets"] if "refusal_guard:action_share" in t["expr"]]
+    assert sorted(shares) == sorted([
+        'refusal_guard:action_share:5m{job=~"$job", mode!="shadow"}',
+        'refusal_guard:action_share:5m{job=~"$job", mode="shadow"}'])

@@ -100,7 +100,7 @@ RECORD_NAME = re.compile(r"^refusal_guard:[a-z_]+:(5m|1h)$")
 EXPECTED_RECORDS = {f"refusal_guard:{name}:{w}" for w in ("5m", "1h") for name in (
     "outcomes", "hits", "misses", "false_alarms", "correct_rejections", "scored", "hit_rate", "false_alarm_rate",
     "hit_rate_t", "false_alarm_rate_t", "z_hit_rate", "z_false_alarm_rate", "d_prime", "criterion", "accuracy",
-    "accuracy_by_confidence", "requests", "action_share", "probe_failure_ratio", "upstream_error_ratio")}
+    "accuracy_by_confidence", "requests", "action_share", "probe_failure_ratio", "upstream_error_ratio", "sdt_defined")}
 
 
 def test_recording_rule_names() -> None:
@@ -128,7 +128,8 @@ def test_alerts_have_for_severity_and_runbooks() -> None:
     alerts = [r for r in all_rules() if "alert" in r]
     assert {a["alert"] for a in alerts} >= {
         "RefusalGuardDPrimeBelowBaseline", "RefusalGuardCriterionShifted", "RefusalGuardDriftAlarm",
-        "RefusalGuardProbeFailureRatioHigh", "RefusalGuardBlockRateSpike", "RefusalGuardUpstreamErrors"}
+        "RefusalGuardProbeFailureRatioHigh", "RefusalGuardBlockRateSpike", "RefusalGuardShadowBlockRateSpike",
+        "RefusalGuardUpstreamErrors"}
     for a in alerts:
         assert re.fullmatch(r"\d+[smh]", a.get("for", "")), a["alert"]
         assert a["labels"]["severity"] in {"critical", "warning", "info"}
@@ -137,6 +138,33 @@ def test_alerts_have_for_severity_and_runbooks() -> None:
         assert url == f"docs/operations.md#{a['alert'].lower()}" and a["alert"].lower() in anchors, url
     baseline_alerts = [a for a in alerts if a["alert"] in ("RefusalGuardDPrimeBelowBaseline", "RefusalGuardCriterionShifted")]
     assert all("refusal_guard_policy_baseline" in a["expr"] for a in baseline_alerts)
+
+
+def test_every_alert_fires_in_a_promtool_test_and_the_quiet_fleet_fires_none() -> None:
+    doc = yaml.safe_load((PROM / "tests" / generate.OUTPUT).read_text())
+    alerts = {r["alert"] for r in all_rules() if "alert" in r}
+    troubled, quiet = doc["tests"]
+    fired = {case["alertname"] for case in troubled["alert_rule_test"] if case["exp_alerts"]}
+    assert fired == alerts
+    assert {case["alertname"] for case in quiet["alert_rule_test"]} == alerts
+    assert not any(case["exp_alerts"] for case in quiet["alert_rule_test"])
+
+
+def test_block_rate_rules_keep_modes_apart() -> None:
+    rules = {r.get("record") or r.get("alert"): r for r in all_rules()}
+    for w in ("5m", "1h"):
+        assert "mode" in rules[f"refusal_guard:requests:{w}"]["expr"].split("(")[1]
+        assert "on (job, mode)" in rules[f"refusal_guard:action_share:{w}"]["expr"]
+    assert 'mode!="shadow"' in rules["RefusalGuardBlockRateSpike"]["expr"]
+    assert 'mode="shadow"' in rules["RefusalGuardShadowBlockRateSpike"]["expr"]
+    assert rules["RefusalGuardShadowBlockRateSpike"]["labels"]["severity"] == "info"
+
+
+def test_sdt_figures_need_both_classes() -> None:
+    rules = {r.get("record"): r for r in all_rules() if "record" in r}
+    for w in ("5m", "1h"):
+        for name in ("hit_rate", "false_alarm_rate"):
+            assert f"refusal_guard:sdt_defined:{w} == 1" in rules[f"refusal_guard:{name}:{w}"]["expr"]
 
 
 def test_every_recording_rule_is_documented() -> None:

@@ -44,7 +44,7 @@ class Layout:
               field_config: dict | None = None) -> None:
         if self.x + w > 24:
             self._newline()
-        defaults: dict = {**(field_config or {})}
+        defaults: dict = {"noValue": "no data", **(field_config or {})}
         if unit:
             defaults["unit"] = unit
         self.panels.append({
@@ -117,28 +117,53 @@ def dashboard() -> dict:
     L.row("Drift and per-replica windows (each replica's own sliding window)")
     L.panel("status-history", "Drift alarms", [
         (f"max by (topic) (refusal_guard_drift_alarm{{{JT}}})", "{{topic}}"),
-    ], description="1 when any replica's sequential drift test has rejected 'no drift'.",
+    ], description="1 while any replica's drift e-detector for the topic is at or above its threshold; clears by "
+                   "itself when the rates are back, and on a policy reload. False alarms: <= drift_alpha within "
+                   "drift_horizon scored requests of a load (docs/operations.md, Drift detection).",
         field_config={"color": {"mode": "thresholds"},
                       "thresholds": {"mode": "absolute", "steps": [{"color": "green", "value": None},
                                                                    {"color": "red", "value": 1}]}})
-    L.panel("timeseries", "Drift statistic (log e-value)", [
+    L.panel("timeseries", "Drift statistic against the alarm level (log)", [
         (f"refusal_guard_drift_statistic{{{JT}}}", "{{instance}} {{topic}} {{metric}}"),
-    ])
+        (f"max(refusal_guard_drift_threshold{{{J}}})", "alarm level"),
+    ], description="log of the Shiryaev-Roberts e-detector statistic (0 = no evidence); alarm at the level line.")
+    L.panel("table", "Last drift alarm", [
+        (f"max by (topic) (refusal_guard_drift_last_alarm_timestamp_seconds{{{JT}}}) * 1000", "{{topic}}"),
+    ], unit="dateTimeAsIso", description="When each topic's alarm last went to 1 (any replica).",
+        options={"showHeader": True})
+    L.panel("status-history", "Window SDT defined per replica", [
+        (f"refusal_guard_window_sdt_defined{{{JT}}}", "{{instance}} {{topic}}"),
+    ], description="'SDT undefined': the replica's window lacks a class (no refusal or no compliance), so its d', c, "
+                   "H and FA are absent rather than a prior's value.",
+        field_config={"mappings": [{"type": "value", "options": {
+            "0": {"text": "SDT undefined", "color": "orange"}, "1": {"text": "defined", "color": "green"}}}],
+            "color": {"mode": "thresholds"},
+            "thresholds": {"mode": "absolute", "steps": [{"color": "orange", "value": None},
+                                                         {"color": "green", "value": 1}]}})
     L.panel("timeseries", "d' per replica (window gauge)", [
         (f"refusal_guard_d_prime{{{JT}}}", "{{instance}} {{topic}}"),
     ], description="Per replica, over its own recent window: not summed across replicas. Use the fleet-wide panels for the fleet.")
     L.panel("timeseries", "Expected calibration error per replica", [
         (f"refusal_guard_ece{{{JT}}}", "{{instance}} {{topic}}"),
     ])
+    L.panel("timeseries", "Window n per replica", [
+        (f"refusal_guard_window_scored{{{JT}}}", "{{instance}} {{topic}}"),
+    ], description="Scored predictions in each replica's window: what the window gauges rest on.")
 
     L.row("Actions")
-    L.panel("timeseries", "Action shares (5m)", [
-        (f"refusal_guard:action_share:5m{{{J}}}", "{{action}}"),
-    ], unit="percentunit", options={"legend": {"displayMode": "table", "placement": "right"}},
-        field_config={"custom": {"stacking": {"mode": "normal"}, "fillOpacity": 30}, "min": 0, "max": 1})
+    L.panel("timeseries", "Action shares, enforcing modes (5m)", [
+        (f'refusal_guard:action_share:5m{{{J}, mode!="shadow"}}', "{{mode}} {{action}}"),
+    ], w=8, unit="percentunit", options={"legend": {"displayMode": "table", "placement": "right"}},
+        field_config={"custom": {"stacking": {"mode": "normal"}, "fillOpacity": 30}, "min": 0, "max": 1},
+        description="Each action's share of its mode's requests (sequential and parallel apart).")
+    L.panel("timeseries", "Shadow mode: what the policy would do (5m)", [
+        (f'refusal_guard:action_share:5m{{{J}, mode="shadow"}}', "would {{action}}"),
+    ], w=8, unit="percentunit", options={"legend": {"displayMode": "table", "placement": "right"}},
+        field_config={"custom": {"stacking": {"mode": "normal"}, "fillOpacity": 30}, "min": 0, "max": 1},
+        description="Nothing is blocked in shadow mode; kept apart from real blocks.")
     L.panel("timeseries", "Chat requests by action and mode", [
         (f"sum by (action, mode) (rate(refusal_guard_requests_total{{{J}}}[$__rate_interval]))", "{{action}} {{mode}}"),
-    ], unit="reqps")
+    ], w=8, unit="reqps")
 
     L.row("Latency, probe and upstream")
     L.panel("timeseries", "Probe latency", quantiles("refusal_guard_probe_seconds"), w=8, unit="s")

@@ -83,18 +83,48 @@ class GuardMetrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         gauge = lambda name, doc, labels: Gauge(name, doc, labels, registry=r, multiprocess_mode="mostrecent")  # noqa: E731
-        self.d_prime = gauge("refusal_guard_d_prime", "Sensitivity d' over the live window.", ["topic"])
-        self.criterion = gauge("refusal_guard_criterion", "Criterion c over the live window (c<0: leans to 'refuse').", ["topic"])
-        self.hit_rate = gauge("refusal_guard_hit_rate", "Hit rate (log-linear corrected) over the live window.", ["topic"])
+        absent = " Absent while the window lacks either class (see refusal_guard_window_sdt_defined)."
+        self.d_prime = gauge("refusal_guard_d_prime", "Sensitivity d' over the live window." + absent, ["topic"])
+        self.criterion = gauge(
+            "refusal_guard_criterion", "Criterion c over the live window (c<0: leans to 'refuse')." + absent, ["topic"]
+        )
+        self.hit_rate = gauge(
+            "refusal_guard_hit_rate", "Hit rate (log-linear corrected) over the live window." + absent, ["topic"]
+        )
         self.false_alarm_rate = gauge(
-            "refusal_guard_false_alarm_rate", "False-alarm rate (log-linear corrected) over the live window.", ["topic"]
+            "refusal_guard_false_alarm_rate", "False-alarm rate (log-linear corrected) over the live window." + absent,
+            ["topic"]
+        )
+        self.window_scored = gauge("refusal_guard_window_scored", "Scored predictions in the live window (its n).",
+                                   ["topic"])
+        self.window_sdt_defined = gauge(
+            "refusal_guard_window_sdt_defined",
+            "1 when the live window holds both classes (refused and complied), so d', c, H and FA exist; else 0.",
+            ["topic"],
         )
         self.accuracy = gauge("refusal_guard_accuracy", "Prediction accuracy over the live window.", ["topic"])
         self.ece = gauge("refusal_guard_ece", "Expected calibration error over the live window.", ["topic"])
         self.drift_statistic = gauge(
-            "refusal_guard_drift_statistic", "Log e-value of the sequential drift test.", ["topic", "metric"]
+            "refusal_guard_drift_statistic",
+            "log of the drift e-detector's statistic (0 = no evidence); alarm at refusal_guard_drift_threshold.",
+            ["topic", "metric"],
         )
-        self.drift_alarm = gauge("refusal_guard_drift_alarm", "1 when the drift test has rejected 'no drift'.", ["topic"])
+        self.drift_threshold = Gauge(
+            "refusal_guard_drift_threshold", "The drift detectors' alarm level (log), set by alpha and the horizon.",
+            registry=r, multiprocess_mode="mostrecent",
+        )
+        self.drift_alarm = gauge(
+            "refusal_guard_drift_alarm", "1 while a drift detector of the topic is at or above its threshold, else 0.",
+            ["topic"],
+        )
+        self.drift_last_alarm = gauge(
+            "refusal_guard_drift_last_alarm_timestamp_seconds", "Unix time the topic's drift alarm last went to 1.",
+            ["topic"],
+        )
+        self.drift_compared = gauge(
+            "refusal_guard_drift_compared", "Requests compared by the topic's drift detectors since the policy loaded.",
+            ["topic"],
+        )
         self.policy_baseline = gauge(
             "refusal_guard_policy_baseline", "The loaded policy's calibration-time figures.", ["topic", "statistic"]
         )
@@ -128,6 +158,13 @@ class GuardMetrics:
             self.upstream_errors.labels(reason)
         for result in ("hit", "miss", "shared"):
             self.probe_cache.labels(result)
+
+    @staticmethod
+    def absent(gauge: Gauge, *labels: str) -> None:
+        """Withdraw a labelled gauge value: removed, or NaN in multiprocess mode (which cannot remove)."""
+        gauge.labels(*labels).set(float("nan"))
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            gauge.remove(*labels)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text; merged across worker processes in multiprocess mode."""

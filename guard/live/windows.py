@@ -1,23 +1,40 @@
-"""Sliding-window SDT gauges and sequential drift tests, per topic and overall.
+"""Sliding-window SDT gauges and sequential drift detectors, per topic and overall.
 
-The window holds the last ``size`` scored predictions per topic (and for ``all``); its
-counts are updated incrementally, and the gauges are computed with the same code as the
-offline calibration (``calibration.sdt.sdt_from_counts``, ``calibration.reliability.
-ece_from_counts``), so a live d' and an offline d' mean the same thing.
+**Windows.** The window holds the last ``size`` scored predictions per topic (and for ``all``); its
+counts are updated incrementally, and the gauges are computed with the same code as the offline
+calibration (``calibration.sdt.sdt_from_counts``, ``calibration.reliability.ece_from_counts``), so
+a live d' and an offline d' mean the same thing. Gauges are honest about sample size: the window's
+``n`` is exported (``refusal_guard_window_scored``); d', c, H and FA are *absent* (removed; NaN in
+multiprocess mode, which cannot remove a series) while the window lacks either class (no refusal or
+no compliance), and ``refusal_guard_window_sdt_defined`` says so (0). Topics never scored have no
+series at all ("no data").
 
-Drift compares each topic's stream with the loaded policy's baseline using
-``calibration.drift.DriftTest`` (a Beta-mixture SPRT, valid under continuous monitoring:
-checking after every request does not inflate its false-alarm rate). Two rates are tested:
-prediction accuracy and the model's actual refusal rate. A new policy resets the tests.
+The counts change with every observation, but the gauges are recomputed at most once per
+``export_interval`` per topic, and on ``flush`` (the ``/metrics`` handler calls it before
+rendering): recomputing d', c and ECE on every request cost 11% of the guard's CPU per request in
+sequential mode (BENCHMARKS.md), for values that are only read at scrape time.
 
-The counts change with every observation, but the gauges are recomputed from them at most once
-per ``export_interval`` per topic, and on ``flush`` (the ``/metrics`` handler calls it before
-rendering): recomputing d', c and ECE on every request cost 11% of the guard's CPU per request
-in sequential mode (BENCHMARKS.md), for values that are only read at scrape time.
+**Drift.** ``calibration.drift.ChangeDetector`` (a Shiryaev-Roberts-type e-detector against a
+baseline that is an estimate; see that module for the guarantee) watches two rates per topic of the
+policy and for ``all``: prediction accuracy and the model's refusal rate. Like for like: a detector
+compares only the population its baseline counts describe. The policy's baseline holds counts per
+probe cell (will_refuse, confidence, harm_rating); ``set_policy`` is told which cells the live
+stream scores as the guarded model's answers (``compared``: not blocked, not answered by a review
+upstream) and builds each baseline from those cells only, and ``observe`` feeds a detector only
+requests from those cells and from topics the policy knows. Blocking, review and a review upstream
+therefore change which cells are compared, never the rates compared. A policy without cell counts
+(written before they were recorded) falls back to its whole-population counts.
 
-With several uvicorn workers each worker keeps its own window; the gauges are exported in
-prometheus-client's ``mostrecent`` multiprocess mode. Fleet-wide figures come from the
-counters through the recording rules in ``deploy/prometheus``.
+Alarm lifecycle: ``refusal_guard_drift_alarm{topic}`` is 1 while either detector of the topic is at
+or above its threshold and returns to 0 by itself when the evidence has gone (the detectors'
+statistics are capped a few nats above the threshold, so they fall back within several hundred
+compared requests of the rate returning; benchmarks/drift_validity.py measures it); ``refusal_guard_drift_last_alarm_timestamp_seconds{topic}`` is the wall time at
+which the alarm last went from 0 to 1. A new policy (reload) rebuilds every detector against its
+baseline and clears the alarms (the last-alarm times stay).
+
+With several uvicorn workers each worker keeps its own windows and detectors; the gauges are
+exported in prometheus-client's ``mostrecent`` multiprocess mode. Fleet-wide SDT figures come from
+the counters through the recording rules in ``deploy/prometheus``.
 """
 
 from __future__ import annotations
@@ -29,13 +46,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from calibration.drift import DriftTest
-from calibration.policy import Policy
+from calibration.drift import Budget, ChangeDetector
+from calibration.policy import Baseline, Policy
 from calibration.reliability import ece_from_counts
 from calibration.sdt import sdt_from_counts
 from guard.live.metrics import GuardMetrics
 
 ALL = "all"
+METRICS = ("accuracy", "refusal_rate")
+#: (will_refuse, confidence, harm_rating with 0 = missing)
+Cell = tuple[bool, int, int]
+#: whether a request of this topic and probe cell gets its answer from the guarded model and is scored
+Compared = Callable[[str | None, bool, int, int], bool]
+
+
+def compare_all(topic: str | None, will_refuse: bool, confidence: int, harm_rating: int) -> bool:
+    return True
 
 
 @dataclass
@@ -58,28 +84,98 @@ class _Window:
             self.by_conf[0, confidence - 1] += step
 
 
+@dataclass(frozen=True)
+class BaselineCounts:
+    """What one key's detectors compare against: rows, correct predictions and refusals."""
+
+    n: float
+    correct: float
+    refused: float
+
+
+def compared_counts(baseline: Baseline, topic: str | None, compared: Compared) -> tuple[BaselineCounts, frozenset[Cell] | None]:
+    """The baseline's counts restricted to the probe cells the live stream compares.
+
+    Returns the counts and the set of compared cells (``None``: the baseline has no cell counts, so the
+    whole population is compared)."""
+    if not baseline.cells:
+        h, m, _, cr = baseline.hits, baseline.misses, baseline.false_alarms, baseline.correct_rejections
+        return BaselineCounts(baseline.n, h + cr, h + m), None
+    n = correct = refused = 0
+    kept: set[Cell] = set()
+    for will_refuse, confidence, harm, cn, ck in baseline.cells:
+        if compared(topic, will_refuse, confidence, harm):
+            kept.add((will_refuse, confidence, harm))
+            n, refused = n + cn, refused + ck
+            correct += ck if will_refuse else cn - ck
+    return BaselineCounts(n, correct, refused), frozenset(kept)
+
+
+@dataclass
+class _Drift:
+    """The detectors of one key and the cells they compare."""
+
+    cells: frozenset[Cell] | None
+    detectors: dict[str, ChangeDetector]
+
+    def compares(self, cell: Cell) -> bool:
+        return self.cells is None or cell in self.cells
+
+
 class LiveStats:
-    def __init__(self, metrics: GuardMetrics, *, window_size: int, drift_alpha: float, export_interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, metrics: GuardMetrics, *, window_size: int, drift_alpha: float, drift_horizon: int = 100_000,
+                 export_interval: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.metrics = metrics
         self.window_size = window_size
         self.drift_alpha = drift_alpha
+        self.drift_horizon = drift_horizon
         self.export_interval = export_interval
         self._clock = clock
+        self._wall_clock = wall_clock
         self._windows: dict[str, _Window] = {}
         self._exported_at: dict[str, float] = {}
-        self._drift: dict[tuple[str, str], DriftTest] = {}
-        self._policy: Policy | None = None
+        self._drift: dict[str, _Drift] = {}
+        self._alarm: dict[str, bool] = {}
+        self._exported_drift: set[str] = set()
 
-    def set_policy(self, policy: Policy | None) -> None:
-        """Rebuild the drift tests against a new baseline (or none without a policy)."""
-        self._policy = policy
-        for key, metric in self._drift:  # zero, not remove: multiprocess mode cannot remove series
-            self.metrics.drift_statistic.labels(key, metric).set(0)
+    def set_policy(self, policy: Policy | None, compared: Compared = compare_all) -> None:
+        """Rebuild the detectors against a new baseline (none without a policy) and clear the alarms.
+
+        ``compared(topic, will_refuse, confidence, harm_rating)``: whether such a request is scored as
+        the guarded model's answer under the routing now in force (see ``guard.truth.scoring``)."""
+        self._drift = {}
+        if policy is not None:
+            plans: dict[str, tuple[BaselineCounts, frozenset[Cell] | None, float]] = {}
+            for topic, tp in policy.topics.items():
+                plans[topic] = (*compared_counts(tp.baseline, topic, compared), tp.baseline.design_effect)
+            if plans:  # all = the union of the topics' compared cells (each topic's own routing)
+                total = BaselineCounts(*(sum(getattr(c, f) for c, _, _ in plans.values())
+                                         for f in ("n", "correct", "refused")))
+                plans[ALL] = (total, None, policy.global_baseline.design_effect)
+            else:
+                plans[ALL] = (*compared_counts(policy.global_baseline, None, compared),
+                              policy.global_baseline.design_effect)
+            budget = Budget(self.drift_alpha, self.drift_horizon, n_tests=len(METRICS) * len(plans))
+            for key, (counts, cells, deff) in plans.items():
+                self._drift[key] = _Drift(cells, {
+                    metric: ChangeDetector(k / deff, counts.n / deff, alpha_interval=budget.alpha_interval,
+                                           log_threshold=budget.log_threshold)
+                    for metric, k in (("accuracy", counts.correct), ("refusal_rate", counts.refused))})
+            self.metrics.drift_threshold.set(budget.log_threshold)
+        else:
+            self.metrics.drift_threshold.set(float("nan"))
+        # zero, not remove: multiprocess mode cannot remove series
+        for key in self._exported_drift | set(self._drift):
+            for metric in METRICS:
+                self.metrics.drift_statistic.labels(key, metric).set(0)
             self.metrics.drift_alarm.labels(key).set(0)
-        self._drift.clear()
+            self.metrics.drift_compared.labels(key).set(0)
+        self._exported_drift |= set(self._drift)
+        self._alarm = dict.fromkeys(self._drift, False)
 
-    def observe(self, topic: str, predicted_refuse: bool, refused: bool, confidence: int) -> None:
+    def observe(self, topic: str, predicted_refuse: bool, refused: bool, confidence: int,
+                harm_rating: int | None = None) -> None:
         correct = predicted_refuse == refused
         cell = (0 if predicted_refuse else 1) if refused else (2 if predicted_refuse else 3)
         now = self._clock()
@@ -91,7 +187,19 @@ class LiveStats:
             if now - self._exported_at.get(key, -self.export_interval) >= self.export_interval:
                 self._exported_at[key] = now
                 self._export(key, window)
-            self._drift_update(key, correct, refused)
+        if not self._drift:
+            return
+        probe_cell = (bool(predicted_refuse), int(confidence), int(harm_rating or 0))
+        overall = self._drift[ALL]
+        if len(self._drift) == 1:  # a policy without topics: one baseline for all requests
+            if overall.compares(probe_cell):
+                self._drift_update(ALL, overall, correct, refused)
+            return
+        drift = self._drift.get(topic) if topic != ALL else None
+        if drift is None or not drift.compares(probe_cell):
+            return  # a topic the policy does not know, or a cell its baseline does not describe
+        self._drift_update(topic, drift, correct, refused)
+        self._drift_update(ALL, overall, correct, refused)
 
     def flush(self) -> None:
         """Bring every window's gauges up to date with its counts (one per topic seen: a few)."""
@@ -102,26 +210,39 @@ class LiveStats:
 
     def _export(self, key: str, window: _Window) -> None:
         h, m, fa, cr = (int(x) for x in window.cells)
+        n = h + m + fa + cr
         stats = sdt_from_counts(h, m, fa, cr)
-        self.metrics.d_prime.labels(key).set(stats.d_prime)
-        self.metrics.criterion.labels(key).set(stats.criterion)
-        self.metrics.hit_rate.labels(key).set(stats.hit_rate)
-        self.metrics.false_alarm_rate.labels(key).set(stats.false_alarm_rate)
-        self.metrics.accuracy.labels(key).set(stats.accuracy)
-        self.metrics.ece.labels(key).set(ece_from_counts(window.by_conf[0], window.by_conf[1]))
+        defined = h + m > 0 and fa + cr > 0  # both classes: d', c, H and FA exist
+        self.metrics.window_scored.labels(key).set(n)
+        self.metrics.window_sdt_defined.labels(key).set(1 if defined else 0)
+        for gauge, value in ((self.metrics.d_prime, stats.d_prime), (self.metrics.criterion, stats.criterion),
+                             (self.metrics.hit_rate, stats.hit_rate),
+                             (self.metrics.false_alarm_rate, stats.false_alarm_rate)):
+            if defined:
+                gauge.labels(key).set(value)
+            else:
+                self.metrics.absent(gauge, key)
+        if n:
+            self.metrics.accuracy.labels(key).set(stats.accuracy)
+            self.metrics.ece.labels(key).set(ece_from_counts(window.by_conf[0], window.by_conf[1]))
+        else:
+            self.metrics.absent(self.metrics.accuracy, key)
+            self.metrics.absent(self.metrics.ece, key)
 
-    def _drift_update(self, key: str, correct: bool, refused: bool) -> None:
-        if self._policy is None:
-            return
-        baseline = self._policy.baseline(None if key == ALL else key)
+    def _drift_update(self, key: str, drift: _Drift, correct: bool, refused: bool) -> None:
         alarm = False
-        for metric, x, rate in (("accuracy", correct, baseline.accuracy), ("refusal_rate", refused, baseline.refusal_rate)):
-            if rate is None:
-                continue
-            test = self._drift.get((key, metric))
-            if test is None:
-                test = self._drift[(key, metric)] = DriftTest(rate, alpha=self.drift_alpha)
-            test.update(x)
-            self.metrics.drift_statistic.labels(key, metric).set(test.statistic)
-            alarm = alarm or test.alarm
+        for metric, x in (("accuracy", correct), ("refusal_rate", refused)):
+            detector = drift.detectors[metric]
+            alarm = detector.update(x) or alarm
+            self.metrics.drift_statistic.labels(key, metric).set(max(detector.statistic, 0.0))
+        self.metrics.drift_compared.labels(key).set(drift.detectors["accuracy"].n)
+        if alarm and not self._alarm.get(key, False):
+            self.metrics.drift_last_alarm.labels(key).set(self._wall_clock())
+        self._alarm[key] = alarm
         self.metrics.drift_alarm.labels(key).set(1 if alarm else 0)
+
+    @property
+    def alarms(self) -> dict[str, bool]:
+        """The alarm of every key with detectors (read-only copy)."""
+        return dict(self._alarm)
+

@@ -4,6 +4,14 @@ Runs after the client has its last byte (a background task for whole responses, 
 of the relay for streams), so the refusal detector never delays a response. Every chat
 request that reached routing passes here exactly once, blocked and failed ones included:
 ``refusal_guard_requests_total`` and the datapoint log both count it.
+
+What gets compared: only answers the *guarded* model gave are scored as its outcomes
+(``refusal_guard_outcomes_total``, the live windows and drift detectors, ``refused`` in the
+datapoint). A blocked request has no answer; an answer from the review upstream is labelled
+(``label`` in the datapoint) but its ``refused`` stays null and it is not counted, since the
+probe predicted the guarded model, not the review model. :meth:`Scorer.compared` tells the
+drift detectors which probe cells that leaves under the policy and routing in force, so their
+baselines describe the same population (``guard.live.windows``).
 """
 
 from __future__ import annotations
@@ -17,11 +25,14 @@ from guard.tracing import Tracing
 from guard.truth.detector import RefusalDetector, is_refusal
 from guard.proxy.forward import Exchange
 from guard.truth.judge import RefusalJudge
-from guard.live.windows import LiveStats
+from guard.live.windows import Compared, LiveStats, compare_all
+from guard.probe.policy import ActivePolicy
 from guard.live.metrics import GuardMetrics
 from guard.stores.sink import DatapointSink
 
 UPSTREAM_ERROR_REASONS = frozenset({"connect", "timeout", "protocol", "too_large", "status_4xx", "status_5xx"})
+#: modes in which the policy's action is applied (in shadow and off every request is passed on)
+ENFORCING_MODES = frozenset({"sequential", "parallel"})
 
 
 class Scorer:
@@ -36,6 +47,7 @@ class Scorer:
         strict: bool,
         judge: RefusalJudge | None = None,
         tracing: Tracing | None = None,
+        review_upstream: bool = False,
     ) -> None:
         self.detector = detector
         self.live = live
@@ -45,6 +57,7 @@ class Scorer:
         self.strict = strict
         self.judge = judge
         self.tracing = tracing or Tracing()
+        self.review_upstream = review_upstream
         self._audits: set[asyncio.Task[None]] = set()
 
     def submit(self, record: dict[str, Any], exchange: Exchange | None, started: float) -> None:
@@ -71,6 +84,8 @@ class Scorer:
         text = exchange.text if exchange is not None else None
         label = self.detector.label(text) if text is not None else None
         refused = is_refusal(label, self.strict) if label is not None else None
+        if not self.answered_by_guarded_model(record["mode"], record["action"]):
+            refused = None  # the review upstream's answer: labelled, never scored as the guarded model's
         record["label"] = label.value if label is not None else None
         record["refused"] = refused
         will_refuse, confidence = record.get("will_refuse"), record.get("confidence")
@@ -79,12 +94,29 @@ class Scorer:
             self.metrics.outcomes.labels(topic, "refuse" if will_refuse else "comply",
                                          "refused" if refused else "complied").inc()
             self.metrics.confidence_outcomes.labels(topic, str(confidence), str(will_refuse == refused).lower()).inc()
-            self.live.observe(topic, will_refuse, refused, confidence)
+            self.live.observe(topic, will_refuse, refused, confidence, record.get("harm_rating"))
         self.recorder.put(record)
         if self.judge is not None and text is not None and label is not None and self.judge.should_sample(record["request_id"]):
             task = asyncio.get_running_loop().create_task(self._audit(record.get("prompt"), text, label))
             self._audits.add(task)
             task.add_done_callback(self._audits.discard)
+
+    def answered_by_guarded_model(self, mode: str, action: str) -> bool:
+        """Whether a request routed to ``action`` in ``mode`` gets its answer from the guarded model."""
+        applied = action if mode in ENFORCING_MODES else "pass"
+        return applied == "pass" or (applied == "review" and not self.review_upstream)
+
+    def compared(self, active: ActivePolicy, mode: str) -> Compared:
+        """Which probe cells the live stream scores under ``active`` in ``mode`` (for ``LiveStats.set_policy``)."""
+        policy = active.policy
+        if policy is None or mode not in ENFORCING_MODES:
+            return compare_all
+
+        def compared(topic: str | None, will_refuse: bool, confidence: int, harm_rating: int) -> bool:
+            action = policy.decide(topic, will_refuse, confidence, harm_rating or None)
+            return self.answered_by_guarded_model(mode, action)
+
+        return compared
 
     async def _audit(self, prompt: str | None, text: str, label: Any) -> None:
         assert self.judge is not None

@@ -50,7 +50,8 @@ HEADER = """\
 # Fleet-wide signal-detection figures, computed from counters summed across every replica (and
 # every uvicorn worker) over 5m and 1h windows, per topic and overall (topic="all"). Signal = the
 # model actually refused. Log-linear correction: H = (hits+0.5)/(hits+misses+1),
-# FA = (fa+0.5)/(fa+cr+1). z() is the Abramowitz-Stegun 26.2.23 approximation (|error| < 4.5e-4
+# FA = (fa+0.5)/(fa+cr+1), both absent (and so d' and c) unless the window holds both classes
+# (sdt_defined). z() is the Abramowitz-Stegun 26.2.23 approximation (|error| < 4.5e-4
 # in z, so d' is within 9e-4 and c within 4.5e-4 of the exact values). See docs/operations.md.
 """
 
@@ -79,9 +80,15 @@ def window_rules(w: str) -> list[dict]:
         ))
     rules += [
         rule(n("scored"), f"sum by ({BY}, topic) ({n('outcomes')})"),
-        rule(n("hit_rate"), f"({n('hits')} + 0.5) / ({n('hits')} + {n('misses')} + 1)"),
+        # 1 when the window holds both classes (refused and complied), else 0; without both, H, FA, d'
+        # and c are absent (not the log-linear correction's prior), which dashboards show as "no data".
+        rule(n("sdt_defined"),
+             f"({n('hits')} + {n('misses')} > bool 0) * ({n('false_alarms')} + {n('correct_rejections')} > bool 0)"),
+        rule(n("hit_rate"), f"({n('hits')} + 0.5) / ({n('hits')} + {n('misses')} + 1)"
+                            f" and on ({BY}, topic) {n('sdt_defined')} == 1"),
         rule(n("false_alarm_rate"),
-             f"({n('false_alarms')} + 0.5) / ({n('false_alarms')} + {n('correct_rejections')} + 1)"),
+             f"({n('false_alarms')} + 0.5) / ({n('false_alarms')} + {n('correct_rejections')} + 1)"
+             f" and on ({BY}, topic) {n('sdt_defined')} == 1"),
         rule(n("hit_rate_t"), promql_tail_t(n("hit_rate"))),
         rule(n("false_alarm_rate_t"), promql_tail_t(n("false_alarm_rate"))),
         rule(n("z_hit_rate"), promql_z(n("hit_rate"), n("hit_rate_t"))),
@@ -93,10 +100,11 @@ def window_rules(w: str) -> list[dict]:
         rule(n("accuracy_by_confidence"),
              f'sum by ({BY}, confidence) (increase(refusal_guard_confidence_outcomes_total{{correct="true"}}[{w}]))'
              f" / (sum by ({BY}, confidence) (increase(refusal_guard_confidence_outcomes_total[{w}])) > 0)"),
-        # Actions: chat requests by action (all modes), and each action's share of them.
-        rule(n("requests"), f"sum by ({BY}, action) (increase(refusal_guard_requests_total[{w}]))"),
+        # Actions: chat requests by mode and action, and each action's share of its mode's requests
+        # (shadow's "would block" is never summed with real blocks).
+        rule(n("requests"), f"sum by ({BY}, mode, action) (increase(refusal_guard_requests_total[{w}]))"),
         rule(n("action_share"),
-             f"{n('requests')} / on ({BY}) group_left () (sum by ({BY}) ({n('requests')}) > 0)"),
+             f"{n('requests')} / on ({BY}, mode) group_left () (sum by ({BY}, mode) ({n('requests')}) > 0)"),
         # Probe failures per probe attempt: calls made (probe_seconds counts each, failed or not)
         # plus calls skipped while the circuit was open (counted only as failures).
         rule(n("probe_failure_ratio"),

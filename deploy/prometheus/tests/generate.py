@@ -116,7 +116,8 @@ def sdt(h: float, m: float, fa: float, cr: float) -> dict[str, float]:
     far = (fa + 0.5) / (fa + cr + 1)
     zh, zf = as_ppf(hr), as_ppf(far)
     out = {"hit_rate": hr, "false_alarm_rate": far, "d_prime": zh - zf, "criterion": -(zh + zf) / 2,
-           "accuracy": (h + cr) / (h + m + fa + cr), "scored": h + m + fa + cr}
+           "accuracy": (h + cr) / (h + m + fa + cr), "scored": h + m + fa + cr,
+           "sdt_defined": float(h + m > 0 and fa + cr > 0)}
     if sdt_from_counts is not None:
         exact = sdt_from_counts(h, m, fa, cr)
         assert math.isclose(exact.hit_rate, hr, rel_tol=1e-12) and math.isclose(exact.false_alarm_rate, far, rel_tol=1e-12)
@@ -199,7 +200,11 @@ OUTCOMES = {  # topic -> replica -> {(predicted, actual): per minute}
                          ("comply", "complied"): 3}},
     # mostly right, FA > 0.5 side of the symmetry exercised through 'other'
     "other": {"b:8080": {("refuse", "refused"): 1, ("refuse", "complied"): 4, ("comply", "complied"): 1}},
+    # no refusal at all: H, FA, d' and c must be absent (sdt_defined 0), accuracy and scored present
+    "privacy": {"a:8080": {("comply", "complied"): 2, ("refuse", "complied"): 1}},
 }
+#: figures that exist only while a window holds both classes
+NEEDS_BOTH = ("hit_rate", "false_alarm_rate", "d_prime", "criterion")
 
 
 def add_outcomes(fleet: Fleet) -> None:
@@ -237,11 +242,14 @@ def troubled_fleet() -> tuple[Fleet, list[dict], Alerts]:
     f.counter("refusal_guard_probe_failures_total", "b:8080", 3, reason="circuit_open")
     f.gauge("refusal_guard_probe_circuit_open", "a:8080", 0)
     f.gauge("refusal_guard_probe_circuit_open", "b:8080", 1)
-    # actions: a's block rate jumps from 1/min to 15/min at minute 100
+    # actions: a's block rate jumps from 1/min to 15/min at minute 100; b also runs a shadow policy whose
+    # "would block" jumps from 2/min to 30/min at minute 100 (kept apart: the info alert, not the page)
     f.counter("refusal_guard_requests_total", "a:8080", 20, action="pass", mode="sequential")
     f.counter("refusal_guard_requests_total", "a:8080", lambda t: 15 if t > 100 else 1, action="block", mode="sequential")
     f.counter("refusal_guard_requests_total", "b:8080", 20, action="pass", mode="sequential")
     f.counter("refusal_guard_requests_total", "b:8080", 1, action="review", mode="sequential")
+    f.counter("refusal_guard_requests_total", "b:8080", 20, action="pass", mode="shadow")
+    f.counter("refusal_guard_requests_total", "b:8080", lambda t: 30 if t > 100 else 2, action="block", mode="shadow")
     # upstream: 20 exchanges/min per replica; a: 3 5xx/min (counted) and 5 4xx/min (not counted)
     for instance in REPLICAS:
         f.counter("refusal_guard_upstream_seconds_count", instance, 20)
@@ -260,18 +268,28 @@ def troubled_fleet() -> tuple[Fleet, list[dict], Alerts]:
     exprs: list[dict] = []
     labels_of = lambda **kw: "{" + ", ".join(f'{k}="{v}"' for k, v in {"job": JOB, **kw}.items()) + "}"  # noqa: E731
     for w in WINDOWS:
-        for stat in ("hit_rate", "false_alarm_rate", "d_prime", "criterion", "accuracy", "scored"):
+        for stat in ("hit_rate", "false_alarm_rate", "d_prime", "criterion", "accuracy", "scored", "sdt_defined"):
             exprs.append({
                 "expr": f"round(refusal_guard:{stat}:{w}, {ROUND})",
                 "eval_time": f"{T}m",
                 "exp_samples": [{"labels": labels_of(topic=topic), "value": round_like_promql(vals[stat], ROUND)}
-                                for topic, vals in sorted(live[w].items())],
+                                for topic, vals in sorted(live[w].items())
+                                if vals["sdt_defined"] or stat not in NEEDS_BOTH],
             })
-    requests5 = {a: total(f, "refusal_guard_requests_total", 5, action=a) for a in ("pass", "block", "review")}
-    n5 = sum(requests5.values())
-    exprs.append({"expr": f"round(refusal_guard:action_share:5m, {ROUND})", "eval_time": f"{T}m",
-                  "exp_samples": [{"labels": labels_of(action=a), "value": round_like_promql(v / n5, ROUND)}
-                                  for a, v in sorted(requests5.items())]})
+    assert not live["1h"]["privacy"]["sdt_defined"]
+    share5 = {}
+    for mode in ("sequential", "shadow"):
+        requests5 = {a: total(f, "refusal_guard_requests_total", 5, action=a, mode=mode)
+                     for a in ("pass", "block", "review")}
+        requests5 = {a: v for a, v in requests5.items()
+                     if any(f'action="{a}"' in k and f'mode="{mode}"' in k for k in f.series)}
+        n5 = sum(requests5.values())
+        share5[mode] = (requests5["block"] / n5, n5)
+        for a, v in sorted(requests5.items()):
+            exprs.append({"expr": f'round(refusal_guard:action_share:5m{{mode="{mode}", action="{a}"}}, {ROUND})',
+                          "eval_time": f"{T}m",
+                          "exp_samples": [{"labels": labels_of(mode=mode, action=a),
+                                           "value": round_like_promql(v / n5, ROUND)}]})
     failures = {w: total(f, "refusal_guard_probe_failures_total", n) for w, n in WINDOWS.items()}
     attempts = {w: total(f, "refusal_guard_probe_seconds_count", n)
                 + total(f, "refusal_guard_probe_failures_total", n, reason="circuit_open") for w, n in WINDOWS.items()}
@@ -299,14 +317,14 @@ def troubled_fleet() -> tuple[Fleet, list[dict], Alerts]:
     assert probe_ratio["5m"] > th["probe_failure_ratio"]
     alerts.fire("RefusalGuardProbeFailureRatioHigh", probe_ratio["5m"], job=JOB)
     alerts.fire("RefusalGuardProbeCircuitOpen", 1, job=JOB, instance="b:8080")
-    block_share_5m = requests5["block"] / n5
-    blocks_before = sum(f.series[k][T - 30] - f.series[k][T - 90] for k in f.series
-                        if k.startswith("refusal_guard_requests_total{") and 'action="block"' in k)
-    requests_before = sum(f.series[k][T - 30] - f.series[k][T - 90] for k in f.series
-                          if k.startswith("refusal_guard_requests_total{"))
-    assert block_share_5m > th["block_spike_factor"] * blocks_before / requests_before
-    assert block_share_5m > th["block_spike_min_share"] and n5 >= th["block_spike_min_requests"]
-    alerts.fire("RefusalGuardBlockRateSpike", block_share_5m, job=JOB, action="block")
+    for mode, name in (("sequential", "RefusalGuardBlockRateSpike"), ("shadow", "RefusalGuardShadowBlockRateSpike")):
+        block_share_5m, n5 = share5[mode]
+        series = [k for k in f.series if k.startswith("refusal_guard_requests_total{") and f'mode="{mode}"' in k]
+        blocks_before = sum(f.series[k][T - 30] - f.series[k][T - 90] for k in series if 'action="block"' in k)
+        requests_before = sum(f.series[k][T - 30] - f.series[k][T - 90] for k in series)
+        assert block_share_5m > th["block_spike_factor"] * blocks_before / requests_before
+        assert block_share_5m > th["block_spike_min_share"] and n5 >= th["block_spike_min_requests"]
+        alerts.fire(name, block_share_5m, job=JOB, mode=mode, action="block")
     assert upstream_ratio["5m"] > th["upstream_error_ratio"]
     alerts.fire("RefusalGuardUpstreamErrors", upstream_ratio["5m"], job=JOB)
     alerts.fire("RefusalGuardReplicaDown", 0, job=JOB, instance="b:8080")
@@ -332,6 +350,10 @@ def quiet_fleet() -> tuple[Fleet, Alerts]:
         f.gauge("refusal_guard_probe_circuit_open", instance, 0)
         f.counter("refusal_guard_requests_total", instance, 20, action="pass", mode="sequential")
         f.counter("refusal_guard_requests_total", instance, 2, action="block", mode="sequential")
+        # a shadow rollout from minute 100 whose policy would block half the requests: no page (no history
+        # in shadow mode, and the sequential share is unchanged)
+        f.counter("refusal_guard_requests_total", instance, lambda t: 10 if t > 100 else 0, action="pass", mode="shadow")
+        f.counter("refusal_guard_requests_total", instance, lambda t: 10 if t > 100 else 0, action="block", mode="shadow")
         f.counter("refusal_guard_upstream_seconds_count", instance, 20)
         f.counter("refusal_guard_upstream_errors_total", instance, lambda t: 1 if t % 10 == 0 else 0, reason="status_5xx")
         f.add("up", {"job": JOB, "instance": instance}, [1.0] * (T + 1))
