@@ -9,7 +9,10 @@ reading the file and the analysis on the columnar arrays.
 
     python3 benchmarks/calibrate_scale.py                   # 10k, 100k, 1M
     python3 benchmarks/calibrate_scale.py --sizes 10000 50000 --formats jsonl
-    python3 benchmarks/calibrate_scale.py --quality         # CI coverage, drift FA rate, guarantee
+
+The statistical quality has its own seeded benchmarks: ``interval_coverage.py`` (interval coverage),
+``routing_guarantee.py`` (realised threshold guarantee, coverage) and ``drift_validity.py`` (false
+alarms, detection delay).
 """
 
 from __future__ import annotations
@@ -86,67 +89,12 @@ def _child(path: str) -> None:
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def quality() -> None:
-    """Statistical figures (same simulations and seeds as tests/test_cal_*.py), for the docs."""
-    import math
-
-    import numpy as np
-    from scipy.special import betaln
-    from scipy.stats import norm
-
-    from calibration.sdt import bootstrap_counts, bootstrap_sdt_ci, count_table, outcome_codes
-    from calibration.thresholds import ltt_threshold
-
-    dp, c, pi = 1.5, -0.2, 0.4
-    acc = pi * norm.cdf(dp / 2 - c) + (1 - pi) * (1 - norm.cdf(-dp / 2 - c))
-    rng = np.random.default_rng(123)
-    ca = cd = 0
-    for _ in range(1000):
-        d = simulate(200, 5, dp, c, p_signal=pi, icc=0.3, seed=rng)
-        codes = outcome_codes(d["will_refuse"], d["refused"]).astype(np.int64)
-        ci = bootstrap_sdt_ci(bootstrap_counts(count_table(d["prompt"], 200, np.zeros_like(d["prompt"]), 1, codes),
-                                               1000, rng))
-        ca += ci["accuracy"][0, 0] <= acc <= ci["accuracy"][0, 1]
-        cd += ci["d_prime"][0, 0] <= dp <= ci["d_prime"][0, 1]
-    print(f"bootstrap 95% CI coverage, 1000 simulated datasets (200 prompts x 5 repeats, ICC 0.3): "
-          f"accuracy {ca / 1000:.3f}, d' {cd / 1000:.3f}")
-    for p0 in (0.98, 0.5, 0.1):
-        x = np.random.default_rng(2).random((4000, 2000)) < p0
-        k, n, a, b = np.cumsum(x, axis=1), np.arange(1, 2001), p0 * 10, (1 - p0) * 10
-        log_e = betaln(a + k, b + n - k) - betaln(a, b) - k * np.log(p0) - (n - k) * np.log1p(-p0)
-        print(f"drift test false-alarm rate, baseline {p0}, alpha 0.05, 4000 stationary streams x 2000 "
-              f"observations, checked after every observation: {(log_e >= math.log(20)).any(axis=1).mean():.4f}")
-    rng = np.random.default_rng(42)
-    target, delta, levels = 0.95, 0.10, np.linspace(0.80, 0.995, 25)
-    ok = found = 0
-    cov = []
-    for _ in range(1000):
-        lvl = rng.integers(0, levels.size, 3000)
-        score = levels[lvl] + rng.normal(0, 0.01, levels.size)[lvl]
-        st = ltt_threshold(score, rng.random(3000) < levels[lvl], target, delta)
-        if st.threshold is None:
-            ok += 1
-            continue
-        found += 1
-        cov.append(st.coverage)
-        sel = np.unique(lvl[score >= st.threshold])
-        cnt = np.bincount(lvl, minlength=levels.size)[sel]
-        ok += np.sum(levels[sel] * cnt) / cnt.sum() >= target
-    print(f"threshold guarantee (target {target}, confidence {1 - delta}, 3000 calibration requests): realised "
-          f"accuracy >= target in {ok / 1000:.3f} of 1000 simulated deployments; a threshold was certified in "
-          f"{found}, mean coverage {np.mean(cov):.3f}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     ap.add_argument("--formats", nargs="+", choices=["jsonl", "sqlite"], default=["jsonl", "sqlite"])
-    ap.add_argument("--quality", action="store_true", help="print the statistical-quality figures instead")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.quality:
-        quality()
-        return
     if args.child:
         _child(args.child)
         return
