@@ -197,7 +197,6 @@ def create_app(
         return JSONResponse({"ok": result.ok, "message": result.message, "version": result.version},
                             status_code=200 if result.ok else 422)
 
-
     @app.get("/healthz")
     async def healthz() -> Response:
         return JSONResponse({"status": "ok"})

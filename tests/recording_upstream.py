@@ -10,18 +10,25 @@ Every request is recorded (method, path, query, headers, body); probe calls (hea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from prometheus_client import CollectorRegistry
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from guard.app import create_app
+from guard.settings import Settings
 from tests import openai_shapes
+from tests.servers import ServerThread
 
 COMPLY = json.dumps({"will_refuse": False, "confidence": 4, "harm_rating": 1, "topic": "other"})
 REPLY = "Paris is the capital of France."
@@ -150,3 +157,13 @@ async def _form_fields(request: Request, body: bytes) -> dict[str, Any]:
         if name == "file":
             fields["filename"] = part.get_filename()
     return fields
+
+
+@contextlib.contextmanager
+def recording_guard() -> Iterator[tuple["Recorder", ServerThread, ServerThread]]:
+    """A recording upstream and a sequential guard in front of it: (recorder, upstream, guard)."""
+    recorder = Recorder()
+    with ServerThread(build_recording_upstream(recorder)) as upstream:
+        settings = Settings(upstream=upstream.url + "/v1", mode="sequential", datapoints=None, upstream_check_interval=0)
+        with ServerThread(create_app(settings, registry=CollectorRegistry())) as guard:
+            yield recorder, upstream, guard

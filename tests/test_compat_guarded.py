@@ -10,9 +10,7 @@ optional fields, trailing slashes and large bodies are accepted as the upstream 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -22,6 +20,7 @@ from hypothesis import strategies as st
 
 from guard.apis import GUARDED_APIS
 from guard.errors import ProxyError
+from tests.test_datapoints_metrics import rows
 
 REFUSAL = "I'm sorry, but I can't help with that request. It could cause harm."
 
@@ -33,15 +32,6 @@ def probe_says(will_refuse: bool) -> str:
 
 def sdk(proxy) -> openai.OpenAI:
     return openai.OpenAI(base_url=proxy.url + "/v1", api_key="sk-test", max_retries=0)
-
-
-def rows(db: Path) -> list[dict]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM datapoints ORDER BY seq")]
-    finally:
-        con.close()
 
 
 @pytest.fixture

@@ -11,23 +11,17 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from prometheus_client import CollectorRegistry
 
 langchain_openai = pytest.importorskip("langchain_openai", reason="install the compat extra to test langchain-openai")
 
-from guard.app import create_app  # noqa: E402
-from guard.settings import Settings  # noqa: E402
-from tests.recording_upstream import REPLY, Recorder, build_recording_upstream  # noqa: E402
+from tests.recording_upstream import REPLY, Recorder, recording_guard  # noqa: E402
 from tests.servers import ServerThread  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[tuple[Recorder, ServerThread, ServerThread]]:
-    recorder = Recorder()
-    with ServerThread(build_recording_upstream(recorder)) as upstream:
-        settings = Settings(upstream=upstream.url + "/v1", mode="sequential", datapoints=None, upstream_check_interval=0)
-        with ServerThread(create_app(settings, registry=CollectorRegistry())) as guard:
-            yield recorder, upstream, guard
+    with recording_guard() as running:
+        yield running
 
 
 def _text(message: Any) -> str:

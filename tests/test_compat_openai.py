@@ -15,11 +15,8 @@ from typing import Any
 
 import openai
 import pytest
-from prometheus_client import CollectorRegistry
 
-from guard.app import create_app
-from guard.settings import Settings
-from tests.recording_upstream import BLOB, Recorder, build_recording_upstream
+from tests.recording_upstream import BLOB, Recorder, recording_guard
 from tests.servers import ServerThread
 
 EXTRA = dict(extra_query={"api-version": "2024-10-21"}, extra_headers={"x-tenant": "t1"})
@@ -30,11 +27,8 @@ SKIPPED_HEADERS = {"host", "content-length", "x-refusal-guard-request-id", "x-re
 
 @pytest.fixture(scope="module")
 def servers() -> Iterator[tuple[Recorder, ServerThread, ServerThread]]:
-    recorder = Recorder()
-    with ServerThread(build_recording_upstream(recorder)) as upstream:
-        settings = Settings(upstream=upstream.url + "/v1", mode="sequential", datapoints=None, upstream_check_interval=0)
-        with ServerThread(create_app(settings, registry=CollectorRegistry())) as guard:
-            yield recorder, upstream, guard
+    with recording_guard() as running:
+        yield running
 
 
 def dump(value: Any) -> Any:

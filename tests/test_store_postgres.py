@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
-import random
 import signal
 import subprocess
 import sys
