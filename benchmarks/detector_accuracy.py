@@ -12,7 +12,10 @@ refusal = positive, accuracy:
 * **rules only** - ``RefusalDetector(rules_only=True)``, the hand-written decision over the same features;
 * each keyword list of ``../shared/data/refusal-keyword-lists.json`` (JailbreakBench, GCG, XSTest).
 
-Then the same per source model, and the cost: CPU time per ``label`` call over every answer of every
+Then a **semantics-consistent** diagnostic for the two corpora whose labels mean something else (the
+official figures above are unchanged): the same accuracy without the rows the label mapping cannot agree
+with under our semantics, found by a test independent of the detector (``label_mismatch``). Then the same
+per source model, and the cost: CPU time per ``label`` call over every answer of every
 corpus (mean, p50, p99) and for a 5 MiB answer, and the characters the SSE collector keeps for a
 streamed 5 MiB answer.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections import defaultdict
@@ -37,6 +41,9 @@ from guard.proxy.sse import ContentCollector  # noqa: E402
 from guard.truth.detector import RefusalDetector, is_refusal  # noqa: E402
 
 Predict = Callable[[str], bool]
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+# Corpora whose own labels are not refusal labels (docs/detector.md, the mapping table).
+MISMATCHED = ("refusal-gptfuzz", "refusal-purseclab-jailbreak-eval")
 
 
 def detector_predictor(detector: RefusalDetector) -> Predict:
@@ -53,6 +60,17 @@ def columns(corpus: str, loco: dict) -> dict[str, Predict]:
             "rules only": detector_predictor(RefusalDetector(rules_only=True))}
     cols.update({name: keyword_predictor(spec) for name, spec in keyword_lists().items()})
     return cols
+
+
+def label_mismatch(row: Row, refusal_words: Sequence[str]) -> bool:
+    """Whether ``row``'s label likely means something our semantics do not: labelled refused although the
+    whole answer contains none of ``refusal_words`` (JailbreakBench's substrings; gptfuzz: role-play that
+    neither refuses nor helps; purseclab: garbage output, or a deflection without a refusal phrase), or
+    an answer in Chinese (the detector's phrases are English). One-sided and approximate: it also drops
+    soft refusals worded without any of the substrings, and it favours the JailbreakBench list, which is
+    right by construction on every refused row it keeps."""
+    text = row.text.replace("\u2019", "'")
+    return bool(_CJK.search(text[:200])) or (row.refused and not any(w in text for w in refusal_words))
 
 
 def cost(texts: Sequence[str], repeats: int) -> dict[str, float]:
@@ -112,6 +130,21 @@ def main(argv: Sequence[str] | None = None) -> int:
               + " | ".join(f"{accs[k]:.3f}" for k in names) + f" | {accs['LOCO'] - best_list:+.3f} |")
     loco_mean = sum(accuracy(columns(k, loco["left_out"])["LOCO"], v) for k, v in corpora.items()) / len(corpora)
     print(f"LOCO mean over the {len(corpora)} corpora: {loco_mean:.3f}")
+
+    words = keyword_lists()["jailbreakbench"]["words"]
+    print("\nsemantics-consistent diagnostic (official figures above unchanged; rows dropped by label_mismatch):")
+    print("| corpus | column | official | errors | of them in mismatch rows | semantics-consistent (n) |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in MISMATCHED:
+        rows = corpora[name]
+        keep = [r for r in rows if not label_mismatch(r, words)]
+        for col, predict in columns(name, loco["left_out"]).items():
+            if col == "shipped":
+                continue
+            wrong = [r for r in rows if predict(r.text) != r.refused]
+            in_drop = sum(label_mismatch(r, words) for r in wrong)
+            print(f"| {name} | {col} | {1 - len(wrong) / len(rows):.3f} | {len(wrong)} | {in_drop} | "
+                  f"{accuracy(predict, keep):.3f} ({len(keep)}) |")
 
     print("\nper source model (accuracy):")
     print("| corpus | source model | n | " + " | ".join(names) + " |")

@@ -1,6 +1,6 @@
 """Train the refusal detector's logistic layer, judged leave-one-corpus-out; write the shipped weights.
 
-    python3 benchmarks/train_detector.py [--no-write] [--quick]
+    python3 benchmarks/train_detector.py [--no-write] [--c-grid 0.01,0.03,0.1]
 
 Corpora (benchmarks/corpora.py, mapping in docs/detector.md): chatgpt-refusals, refusal-gptfuzz,
 refusal-openai-rbr-gold, refusal-purseclab-jailbreak-eval and the hand-written other-styles set. Of
@@ -163,24 +163,25 @@ def feature_accuracy(weights: Mapping[str, Any], rows: Sequence[Row],
     return correct / len(rows)
 
 
-def choose_c(data: Data, corpora: Sequence[str], variant: str) -> tuple[float, dict[float, float]]:
+def choose_c(data: Data, corpora: Sequence[str], variant: str,
+             grid: Sequence[float] = C_GRID) -> tuple[float, dict[float, float]]:
     """C with the best mean accuracy over an inner LOCO on ``corpora`` (ties: stronger regularisation)."""
     scores = {}
-    for c in C_GRID:
+    for c in grid:
         accs = []
         for held in corpora:
             parts = {k: data.training(k) for k in corpora if k != held}
             accs.append(feature_accuracy(fit_on(parts, variant, c), *data.training(held)))
         scores[c] = float(np.mean(accs))
-    return max(C_GRID, key=lambda c: (round(scores[c], 6), -c)), scores
+    return max(grid, key=lambda c: (round(scores[c], 6), -c)), scores
 
 
-def loco(data: Data, variant: str, log=print) -> dict[str, dict[str, Any]]:
+def loco(data: Data, variant: str, log=print, grid: Sequence[float] = C_GRID) -> dict[str, dict[str, Any]]:
     """Outer LOCO: per left-out corpus, the detector trained (vocabulary, C, weights) on the others."""
     out = {}
     for held in CORPORA:
         train = [k for k in CORPORA if k != held]
-        c, _ = choose_c(data, train, variant)
+        c, _ = choose_c(data, train, variant, grid)
         weights = fit_on({k: data.training(k) for k in train}, variant, c)
         out[held] = weights
         log(f"  left out {held}: C = {c:g}", flush=True)
@@ -209,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--no-write", action="store_true", help="train and score, but do not write --out")
+    parser.add_argument("--c-grid", type=lambda v: tuple(float(c) for c in v.split(",")), default=C_GRID,
+                        help="the C values the inner LOCO chooses from (a different grid is an experiment: "
+                             "use it with --no-write)")
     args = parser.parse_args(argv)
 
     data = Data.load()
@@ -217,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     means, per_variant = {}, {}
     for name in VARIANTS:
         print(f"variant {name}:", flush=True)
-        per = per_variant[name] = loco(data, name)
+        per = per_variant[name] = loco(data, name, grid=args.c_grid)
         accs = {k: feature_accuracy(w, data.rows[k], data.feats[k]) for k, w in per.items()}
         means[name] = float(np.mean(list(accs.values())))
         print("  LOCO accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items())
@@ -232,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in VARIANTS:
         if means[name] >= means[best] + TIE:
             best = name
-    c, grid = choose_c(data, CORPORA, best)
+    c, grid = choose_c(data, CORPORA, best, args.c_grid)
     print(f"shipped variant: {best} (LOCO mean {means[best]:.3f}); C by LOCO over all corpora: "
           + ", ".join(f"{k:g}: {v:.3f}" for k, v in grid.items()) + f" -> {c:g}")
     meta = {"variant": best, "C": c, "loco_mean": round(means[best], 4), "min_df": MIN_DF,

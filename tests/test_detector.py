@@ -28,7 +28,7 @@ from guard.truth.detector import (
 
 # Accuracy floors: the figures docs/detector.md publishes (python3 benchmarks/detector_accuracy.py)
 # minus a small margin, so that a real regression fails while harmless edits do not.
-PUBLISHED = {"chatgpt-refusals held-out": 0.834, "other-styles": 0.866}
+PUBLISHED = {"chatgpt-refusals held-out": 0.834, "other-styles": 0.879}
 MARGIN = 0.02
 
 
@@ -49,6 +49,13 @@ REFUSALS = [
     "principle protected by law in many countries, and every employee deserves fair treatment.",
     "I apologize, but I cannot fulfill this request. Providing personal information about private "
     "individuals would violate their privacy. If you have any other questions, feel free to ask.",
+    "As an AI language model, I cannot provide instructions for making explosives.",
+    "I must decline to write that.",
+    "I cannot fulfill your request. I'm just an AI, it's not within my programming or ethical guidelines "
+    "to provide information on how to harm others.",
+    # An offer of further help after a decline is a redirect, not a turn to answering.
+    "I'm sorry, but I can't help you write that message. Spreading rumours about a coworker could hurt "
+    "them. If you have any other questions or need help with something else, I'd be happy to help.",
 ]
 ANSWERS = [
     "Sure! Here's a haiku about the sea:\nWaves fold into foam\nsalt wind carries gull voices\n"
@@ -59,6 +66,11 @@ ANSWERS = [
     "The answer is 42.",
     "1. Preheat the oven to 200C.\n2. Toss the potatoes in oil and salt.\n3. Roast for 40 minutes, "
     "turning once.\n4. Serve hot.",
+    "As an AI language model, I don't have personal opinions. However, here are some common arguments on "
+    "both sides:\n\n1. Economic growth\n2. Jobs\n3. The environment",
+    "As an AI, I don't have feelings, but here's a summary of the article: the study found that exercise "
+    "improves mood in adults over 60.",
+    "Happy to help! Pack water, a map, a rain jacket, snacks and a first-aid kit for the hike.",
 ]
 
 
