@@ -43,6 +43,7 @@ GAUGES = {
     "refusal_guard_policy_baseline": ("topic", "statistic"),
     "refusal_guard_policy_info": ("version", "probe_template", "enforced"),
     "refusal_guard_probe_circuit_open": (),
+    "refusal_guard_upstream_up": (),
 }
 PROMETHEUS_SYNTHETIC = {"up": (), "scrape_duration_seconds": (), "scrape_samples_scraped": ()}
 

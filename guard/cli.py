@@ -71,7 +71,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from guard.logs import configure_logging
 
     configure_logging(settings.log_format, settings.log_level)
-    print(check_upstream_at_start(settings), file=sys.stderr, flush=True)
+    # through the configured logging, so that with log_format json every line is JSON
+    logging.getLogger("refusal_guard").log(*check_upstream_at_start(settings))
     common = dict(
         host=settings.host,
         port=settings.port,
@@ -95,8 +96,8 @@ def run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_upstream_at_start(settings: Settings) -> str:
-    """One plain line on whether the upstream answers ``GET /models``, for the operator's console.
+def check_upstream_at_start(settings: Settings) -> tuple[int, str]:
+    """(log level, one plain line) on whether the upstream answers ``GET /models``, for the operator.
 
     Serving starts either way (the upstream may come up later; ``/readyz?upstream=1`` and the
     ``refusal_guard_upstream_up`` metric follow it), but a wrong base URL is named at once.
@@ -109,16 +110,16 @@ def check_upstream_at_start(settings: Settings) -> str:
     try:
         status = httpx.get(settings.upstream + "/models", headers=headers, timeout=min(settings.connect_timeout, 5.0)).status_code
     except httpx.HTTPError as exc:
-        return f"refusal-guard: upstream {shown} not reachable yet ({type(exc).__name__}); serving anyway"
+        return logging.WARNING, f"upstream {shown} not reachable yet ({type(exc).__name__}); serving anyway"
     if status == 404:
-        return (f"refusal-guard: WARNING: GET {url} answered 404: does the upstream URL end in /v1? "
+        return (logging.WARNING, f"GET {url} answered 404: does the upstream URL end in /v1? "
                 f"(e.g. --upstream {shown}/v1); every forwarded call will 404 until it does")
     if status in (401, 403):
-        return (f"refusal-guard: WARNING: GET {url} answered {status}: the upstream wants a key "
+        return (logging.WARNING, f"GET {url} answered {status}: the upstream wants a key "
                 "(--upstream-api-key / REFUSAL_GUARD_UPSTREAM_API_KEY, or clients' own Authorization headers)")
     if status >= 400:
-        return f"refusal-guard: WARNING: GET {url} answered {status}"
-    return f"refusal-guard: upstream {shown} answers (GET /models: {status})"
+        return logging.WARNING, f"GET {url} answered {status}"
+    return logging.INFO, f"upstream {shown} answers (GET /models: {status})"
 
 
 def add_export_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -20,8 +20,8 @@ KEY = "sk-upstream-canary-13ab"
 
 
 def probe_reply(body: dict) -> str:
-    assessed = json.loads(body["messages"][-1]["content"])["request_to_assess"]
-    if "unparseable" in assessed:
+    assessed = json.loads(body["messages"][-1]["content"])["request_to_assess"]  # the probe's view of the request
+    if "unparseable" in json.dumps(assessed):
         return "no idea"
     return json.dumps({"will_refuse": False, "confidence": 5, "harm_rating": 1, "topic": "other"})
 
