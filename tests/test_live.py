@@ -203,6 +203,7 @@ def test_compared_cells_follow_the_routing():
     from guard.probe.policy import ActivePolicy
     from guard.stores.recorder import DatapointRecorder
     from guard.truth.detector import RefusalDetector
+    from guard.live.model_labels import ModelLabels
     from guard.truth.scoring import Scorer
 
     d = simulate(900, 1, 3.0, 0.0, n_topics=5, icc=0.0, seed=21)
@@ -212,7 +213,8 @@ def test_compared_cells_follow_the_routing():
     live = LiveStats(metrics, window_size=10, drift_alpha=0.01)
     cells = [(t, w, c, h) for t in TOPICS for w in (False, True) for c in range(1, 6) for h in range(6)]
     for review_upstream in (False, True):
-        scorer = Scorer(RefusalDetector(), live, DatapointRecorder(None, metrics), metrics, topics=tuple(TOPICS),
+        scorer = Scorer(RefusalDetector(), live, DatapointRecorder(None, metrics), metrics,
+                        ModelLabels((), 0, lambda model: None), topics=tuple(TOPICS),
                         strict=False, review_upstream=review_upstream)
         active = ActivePolicy(policy, True, "test")
         compared = scorer.compared(active, "sequential")
