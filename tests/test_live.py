@@ -233,12 +233,20 @@ def test_exported_metrics_match_the_deploy_contract(policy):
     contract = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(contract)
     registry = CollectorRegistry()
-    live = LiveStats(GuardMetrics(registry), window_size=50, drift_alpha=0.01, wall_clock=lambda: 1.0)
+    metrics = GuardMetrics(registry)
+    metrics.initialise(("hacking",), ("sequential",))
+    metrics.initialise_model("other")
+    live = LiveStats(metrics, window_size=50, drift_alpha=0.01, wall_clock=lambda: 1.0)
     live.set_policy(policy)
     feed(live, stream(600, 0.5, seed=31), blocking=False)   # a drifted stream: every drift series appears
     live.flush()
     gauges = {s.name: tuple(sorted(s.labels)) for family in registry.collect() if family.type == "gauge"
               for s in family.samples}
     assert {n: tuple(sorted(l)) for n, l in contract.GAUGES.items() if n in gauges} == gauges
+    counters = {s.name: tuple(sorted(s.labels)) for family in registry.collect() if family.type == "counter"
+                for s in family.samples if s.name.endswith("_total")}
+    assert {n: tuple(sorted(l)) for n, l in contract.COUNTERS.items() if n in counters} == counters
+    assert {"refusal_guard_requests_total", "refusal_guard_outcomes_total",
+            "refusal_guard_confidence_outcomes_total"} <= set(counters)
     assert {"refusal_guard_window_scored", "refusal_guard_window_sdt_defined", "refusal_guard_drift_threshold",
             "refusal_guard_drift_last_alarm_timestamp_seconds", "refusal_guard_drift_compared"} <= set(gauges)
