@@ -253,3 +253,18 @@ def test_a_model_the_upstream_rejects_takes_no_slot(start_proxy, script):
     req = lambda model: s.get(("refusal_guard_requests_total",  # noqa: E731
                                (("action", "pass"), ("mode", "sequential"), ("model", model))))
     assert (req("real"), req("other"), req("made-up")) == (1, 3, None)
+
+
+def test_model_labels_clean_configured_names_and_keep_other_reserved():
+    from guard.live.model_labels import ModelLabels
+
+    created: list[str] = []
+    labels = ModelLabels(["be/ta v2", "alpha", "alpha", "other"], 1, created.append)
+    assert labels.configured == ("be/ta_v2", "alpha") and created == ["be/ta_v2", "alpha", "other"]
+    assert labels.label("be/ta_v2", served=False) == "be/ta_v2"  # configured: labelled even when not served
+    assert labels.label(None, served=True) == "other"
+    assert labels.label("other", served=True) == "other" and created[-1] == "other"  # takes no slot
+    assert labels.label("gamma", served=True) == "other" and created[-1] == "gamma"  # pending until a scrape
+    assert labels.label("delta", served=True) == "other" and "delta" not in created  # over the bound
+    labels.scraped()
+    assert labels.label("gamma", served=False) == "gamma" and labels.label("delta", served=True) == "other"
