@@ -23,6 +23,8 @@ class GuardMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._topics: tuple[str, ...] = ()
+        self._modes: tuple[str, ...] = ()
         r = registry
         self.http_requests = Counter(
             "refusal_guard_http_requests", "HTTP requests answered, by route and status.", ["route", "status"], registry=r
