@@ -11,9 +11,9 @@ TOPICS = ("weapons", "drugs", "hacking", "self_harm", "hate_speech", "fraud", "p
           "illegal_activities", "manipulation", "violence", "other")
 
 COUNTERS = {
-    "refusal_guard_requests_total": ("action", "mode"),
-    "refusal_guard_outcomes_total": ("topic", "predicted", "actual"),
-    "refusal_guard_confidence_outcomes_total": ("topic", "confidence", "correct"),
+    "refusal_guard_requests_total": ("action", "mode", "model"),
+    "refusal_guard_outcomes_total": ("topic", "predicted", "actual", "model"),
+    "refusal_guard_confidence_outcomes_total": ("topic", "confidence", "correct", "model"),
     "refusal_guard_probe_failures_total": ("reason",),
     "refusal_guard_probe_cache_total": ("result",),
     "refusal_guard_datapoints_dropped_total": (),

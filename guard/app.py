@@ -34,6 +34,7 @@ from guard.tracing import Tracing, tracing_for
 from guard.truth.judge import RefusalJudge
 from guard.live.windows import LiveStats
 from guard.live.metrics import GuardMetrics
+from guard.live.model_labels import OTHER, ModelLabels
 from guard.probe.policy import PolicyStore, ReloadResult
 from guard.probe.template import TEMPLATE_HASH
 from guard.probe.prober import Prober
@@ -224,6 +225,7 @@ def create_app(
         runtime: Runtime = request.app.state.runtime
         runtime.router.scorer.live.flush()  # this worker's window gauges, exact at scrape time
         body, content_type = metrics.render()
+        runtime.router.scorer.models.scraped()  # models seen since the last scrape were scraped at zero
         return Response(body, media_type=content_type)
 
     async def forwarded(request: Request) -> Response:
@@ -246,7 +248,7 @@ def guarded_handler(api: Api) -> Any:
             check_api_key(request, runtime.settings)
             parsed = api.parse(await read_body(request, runtime.settings.max_body_bytes))
         except ProxyError:
-            runtime.metrics.requests.labels("invalid", runtime.router.effective_mode().value).inc()
+            runtime.metrics.requests.labels("invalid", runtime.router.effective_mode().value, OTHER).inc()
             raise
         return await runtime.router.handle(parsed, request.headers, request_id_of(request.scope),
                                            request.scope.get("query_string", b""))
@@ -317,7 +319,8 @@ def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.Async
         open_sink(settings.datapoints, metrics, queue_size=settings.datapoint_queue_size,
                   retention=Retention(settings.datapoint_max_age, settings.datapoint_max_rows),
                   hasher=PromptHasher(prompt_hash_key(settings))),
-        metrics, topics=settings.topics, strict=settings.strict_refusal, judge=judge, tracing=tracing,
+        metrics, ModelLabels(settings.metric_models, settings.metric_models_seen, metrics.initialise_model),
+        topics=settings.topics, strict=settings.strict_refusal, judge=judge, tracing=tracing,
         review_upstream=review_upstream is not None,
     )
     router = Router(settings, upstream, review_upstream, prober, policies,

@@ -147,6 +147,11 @@ class Settings(BaseSettings):
     drift_alpha: float = Field(default=0.01, gt=0, lt=1)
     drift_horizon: int = Field(default=100_000, ge=100, description=(
         "Scored requests (fleet-wide, since the policy loaded) within which P(any false drift alarm) <= drift_alpha."))
+    metric_models: Annotated[tuple[str, ...], NoDecode] = Field(default=(), description=(
+        "Models that always get their own `model` label on the request and outcome counters (e.g. a,b)."))
+    metric_models_seen: int = Field(default=20, ge=0, description=(
+        "Besides metric_models, label at most this many further models per process (the first the upstream "
+        "answered); every other model is counted as `other`."))
     judge_url: str | None = None
     judge_model: str | None = None
     judge_api_key: SecretStr | None = None
@@ -195,7 +200,7 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 32 characters (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
         return value
 
-    @field_validator("topics", "api_keys", mode="before")
+    @field_validator("topics", "api_keys", "metric_models", mode="before")
     @classmethod
     def _split_topics(cls, value: Any) -> Any:
         # Flags and environment variables arrive as strings: accept "a,b,c" or a JSON list.

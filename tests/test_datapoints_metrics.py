@@ -32,11 +32,13 @@ def probe_says(will_refuse: bool, confidence: int = 4, topic: str = "hacking") -
     return json.dumps({"will_refuse": will_refuse, "confidence": confidence, "harm_rating": 1, "topic": topic})
 
 
-def samples(proxy_url: str) -> dict[tuple[str, tuple], float]:
-    out = {}
+def samples(proxy_url: str, by_model: bool = False) -> dict[tuple[str, tuple], float]:
+    """Samples by name and labels; the ``model`` label summed away unless ``by_model``."""
+    out: dict[tuple[str, tuple], float] = {}
     for family in text_string_to_metric_families(httpx.get(proxy_url + "/metrics").text):
         for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if by_model or k != "model"))
+            out[(s.name, labels)] = out.get((s.name, labels), 0) + s.value
     return out
 
 
@@ -193,3 +195,76 @@ def test_two_workers_sum_counters_and_share_the_log(upstream, script, tmp_path):
         finally:
             stop_group(proc, grace=0)  # whatever of its process group is left
     assert len(rows(db)) == 40
+
+
+def test_model_label_is_bounded_and_new_models_wait_for_a_scrape(start_proxy, script):
+    """Two models get their own label, a third beyond the bound is ``other``; the sums stay exact."""
+    proxy = start_proxy(mode="sequential", datapoints=None, metric_models="alpha", metric_models_seen=1)
+    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+    script.reply = REFUSAL
+
+    def ask(model: str, n: int) -> None:
+        for i in range(n):
+            script.probe_reply = probe_says(i % 2 == 0)
+            sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": f"{model} {i}"}])
+
+    s = samples(proxy.url, by_model=True)  # configured model and other: at zero before any request
+    assert s[("refusal_guard_requests_total", (("action", "pass"), ("mode", "sequential"), ("model", "alpha")))] == 0
+    assert s[("refusal_guard_outcomes_total", (("actual", "refused"), ("model", "other"), ("predicted", "refuse"),
+                                               ("topic", "hacking")))] == 0
+    ask("alpha", 3)
+    ask("be/ta v2", 2)  # seen first: takes the one free slot, but counts as other until a scrape saw it at zero
+    s = samples(proxy.url, by_model=True)
+    req = lambda model: s.get(("refusal_guard_requests_total",  # noqa: E731
+                               (("action", "pass"), ("mode", "sequential"), ("model", model))))
+    assert (req("alpha"), req("be/ta_v2"), req("other")) == (3, 0, 2)  # the sanitised name, at zero
+    ask("be/ta v2", 4)
+    ask("gamma", 5)  # over the bound: other, for good
+    s = samples(proxy.url, by_model=True)
+    assert (req("alpha"), req("be/ta_v2"), req("other"), req("gamma")) == (3, 4, 7, None)
+    outcomes = lambda model: sum(v for (name, labels), v in s.items()  # noqa: E731
+                                 if name == "refusal_guard_outcomes_total" and ("model", model) in labels)
+    confidences = lambda model: sum(v for (name, labels), v in s.items()  # noqa: E731
+                                    if name == "refusal_guard_confidence_outcomes_total" and ("model", model) in labels)
+    assert (outcomes("alpha"), outcomes("be/ta_v2"), outcomes("other")) == (3, 4, 7)
+    assert (confidences("alpha"), confidences("be/ta_v2"), confidences("other")) == (3, 4, 7)
+    hits = ("refusal_guard_outcomes_total", (("actual", "refused"), ("model", "be/ta_v2"), ("predicted", "refuse"),
+                                             ("topic", "hacking")))
+    assert s[hits] == 2  # i = 0, 2 of the four admitted requests predicted a refusal
+    assert {labels for (name, labels) in s if name == "refusal_guard_requests_total"} >= {
+        (("action", "invalid"), ("mode", "sequential"), ("model", m)) for m in ("alpha", "be/ta_v2", "other")}
+    assert samples(proxy.url)[("refusal_guard_requests_total", (("action", "pass"), ("mode", "sequential")))] == 14
+
+
+def test_a_model_the_upstream_rejects_takes_no_slot(start_proxy, script):
+    proxy = start_proxy(mode="sequential", datapoints=None, metric_models_seen=1)
+    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+    script.probe_reply = probe_says(False)
+    script.status = 404
+    with pytest.raises(openai.NotFoundError):
+        sdk.chat.completions.create(model="made-up", messages=[{"role": "user", "content": "q"}])
+    script.status = 200
+    script.reply = COMPLIANCE
+    sdk.chat.completions.create(model="real", messages=[{"role": "user", "content": "q"}])
+    samples(proxy.url)  # the scrape that admits "real"
+    sdk.chat.completions.create(model="real", messages=[{"role": "user", "content": "q2"}])
+    sdk.chat.completions.create(model="made-up", messages=[{"role": "user", "content": "q3"}])
+    s = samples(proxy.url, by_model=True)
+    req = lambda model: s.get(("refusal_guard_requests_total",  # noqa: E731
+                               (("action", "pass"), ("mode", "sequential"), ("model", model))))
+    assert (req("real"), req("other"), req("made-up")) == (1, 3, None)
+
+
+def test_model_labels_clean_configured_names_and_keep_other_reserved():
+    from guard.live.model_labels import ModelLabels
+
+    created: list[str] = []
+    labels = ModelLabels(["be/ta v2", "alpha", "alpha", "other"], 1, created.append)
+    assert labels.configured == ("be/ta_v2", "alpha") and created == ["be/ta_v2", "alpha", "other"]
+    assert labels.label("be/ta_v2", served=False) == "be/ta_v2"  # configured: labelled even when not served
+    assert labels.label(None, served=True) == "other"
+    assert labels.label("other", served=True) == "other" and created[-1] == "other"  # takes no slot
+    assert labels.label("gamma", served=True) == "other" and created[-1] == "gamma"  # pending until a scrape
+    assert labels.label("delta", served=True) == "other" and "delta" not in created  # over the bound
+    labels.scraped()
+    assert labels.label("gamma", served=False) == "gamma" and labels.label("delta", served=True) == "other"

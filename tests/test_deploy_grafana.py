@@ -111,6 +111,13 @@ def test_dashboard_variables_and_panels() -> None:
             assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
     topic_panels = [e for _, e in dashboard_exprs() if 'topic=~"$topic"' in e]
     assert len(topic_panels) >= 8
+    assert variables["model"]["multi"] and variables["model"]["includeAll"]
+    assert "refusal_guard_requests_total" in variables["model"]["definition"]
+    # Every query of a counter with the model label, and every per-model series, follows the model selector.
+    by_model = re.compile(r"refusal_guard_(requests|outcomes|confidence_outcomes)_total|_by_model:")
+    model_exprs = [e for _, e in dashboard_exprs() if by_model.search(e)]
+    assert len(model_exprs) >= 7
+    assert all('model=~"$model"' in e for e in model_exprs), [e for e in model_exprs if "$model" not in e]
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
@@ -119,7 +126,7 @@ def test_dashboard_queries_parse(tmp_path: Path) -> None:
     """Every query, with Grafana variables substituted, is valid PromQL (checked as recording rules)."""
     rules = []
     for i, (_, expr) in enumerate(dashboard_exprs()):
-        concrete = expr.replace("$__rate_interval", "1m").replace("$job", ".*").replace("$topic", ".*")
+        concrete = expr.replace("$__rate_interval", "1m").replace("$job", ".*").replace("$topic", ".*").replace("$model", ".*")
         rules.append({"record": f"dashboard:query_{i}:check", "expr": concrete})
     path = tmp_path / "dashboard_queries.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}, width=10_000))

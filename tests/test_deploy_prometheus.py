@@ -100,7 +100,11 @@ RECORD_NAME = re.compile(r"^refusal_guard:[a-z_]+:(5m|1h)$")
 EXPECTED_RECORDS = {f"refusal_guard:{name}:{w}" for w in ("5m", "1h") for name in (
     "outcomes", "hits", "misses", "false_alarms", "correct_rejections", "scored", "hit_rate", "false_alarm_rate",
     "hit_rate_t", "false_alarm_rate_t", "z_hit_rate", "z_false_alarm_rate", "d_prime", "criterion", "accuracy",
-    "accuracy_by_confidence", "requests", "action_share", "probe_failure_ratio", "upstream_error_ratio", "sdt_defined")}
+    "accuracy_by_confidence", "requests", "action_share", "probe_failure_ratio", "upstream_error_ratio", "sdt_defined")} | {
+    f"refusal_guard:{name}_by_model:{w}" for w in ("5m", "1h") for name in (
+        "requests", "outcomes", "hits", "misses", "false_alarms", "correct_rejections", "scored", "hit_rate",
+        "false_alarm_rate", "hit_rate_t", "false_alarm_rate_t", "z_hit_rate", "z_false_alarm_rate", "d_prime",
+        "criterion", "accuracy", "sdt_defined")}
 
 
 def test_recording_rule_names() -> None:
@@ -109,6 +113,17 @@ def test_recording_rule_names() -> None:
     assert len(names) == len(set(names))
     assert set(names) == EXPECTED_RECORDS
     assert all(RECORD_NAME.match(n) for n in names)
+
+
+def test_fleet_rules_sum_the_model_label_away() -> None:
+    """Only the *_by_model series keep ``model``; every other aggregation of the counters drops it."""
+    counters = ("refusal_guard_requests_total", "refusal_guard_outcomes_total", "refusal_guard_confidence_outcomes_total")
+    reading = [r for r in all_rules() if any(c in r["expr"] for c in counters)]
+    assert len(reading) == 2 * 5  # per window: outcomes, accuracy_by_confidence, requests and the two by model
+    for r in reading:
+        groupings = re.findall(r"\b(?:by|on)\s*\(([^)]*)\)", r["expr"])
+        keeps_model = any("model" in (g.strip() for g in grouping.split(",")) for grouping in groupings)
+        assert keeps_model == ("_by_model:" in r.get("record", "")), (r.get("record") or r.get("alert"))
 
 
 def test_rules_read_only_contract_metrics_and_recorded_series() -> None:

@@ -203,6 +203,7 @@ def test_compared_cells_follow_the_routing():
     from guard.probe.policy import ActivePolicy
     from guard.stores.recorder import DatapointRecorder
     from guard.truth.detector import RefusalDetector
+    from guard.live.model_labels import ModelLabels
     from guard.truth.scoring import Scorer
 
     d = simulate(900, 1, 3.0, 0.0, n_topics=5, icc=0.0, seed=21)
@@ -212,7 +213,8 @@ def test_compared_cells_follow_the_routing():
     live = LiveStats(metrics, window_size=10, drift_alpha=0.01)
     cells = [(t, w, c, h) for t in TOPICS for w in (False, True) for c in range(1, 6) for h in range(6)]
     for review_upstream in (False, True):
-        scorer = Scorer(RefusalDetector(), live, DatapointRecorder(None, metrics), metrics, topics=tuple(TOPICS),
+        scorer = Scorer(RefusalDetector(), live, DatapointRecorder(None, metrics), metrics,
+                        ModelLabels((), 0, lambda model: None), topics=tuple(TOPICS),
                         strict=False, review_upstream=review_upstream)
         active = ActivePolicy(policy, True, "test")
         compared = scorer.compared(active, "sequential")
@@ -231,12 +233,20 @@ def test_exported_metrics_match_the_deploy_contract(policy):
     contract = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(contract)
     registry = CollectorRegistry()
-    live = LiveStats(GuardMetrics(registry), window_size=50, drift_alpha=0.01, wall_clock=lambda: 1.0)
+    metrics = GuardMetrics(registry)
+    metrics.initialise(("hacking",), ("sequential",))
+    metrics.initialise_model("other")
+    live = LiveStats(metrics, window_size=50, drift_alpha=0.01, wall_clock=lambda: 1.0)
     live.set_policy(policy)
     feed(live, stream(600, 0.5, seed=31), blocking=False)   # a drifted stream: every drift series appears
     live.flush()
     gauges = {s.name: tuple(sorted(s.labels)) for family in registry.collect() if family.type == "gauge"
               for s in family.samples}
     assert {n: tuple(sorted(l)) for n, l in contract.GAUGES.items() if n in gauges} == gauges
+    counters = {s.name: tuple(sorted(s.labels)) for family in registry.collect() if family.type == "counter"
+                for s in family.samples if s.name.endswith("_total")}
+    assert {n: tuple(sorted(l)) for n, l in contract.COUNTERS.items() if n in counters} == counters
+    assert {"refusal_guard_requests_total", "refusal_guard_outcomes_total",
+            "refusal_guard_confidence_outcomes_total"} <= set(counters)
     assert {"refusal_guard_window_scored", "refusal_guard_window_sdt_defined", "refusal_guard_drift_threshold",
             "refusal_guard_drift_last_alarm_timestamp_seconds", "refusal_guard_drift_compared"} <= set(gauges)

@@ -6,7 +6,9 @@
 
 Fleet-wide SDT panels read the recording rules (refusal_guard:*:5m / :1h, counters summed over
 all replicas); "per replica" panels read the replicas' own sliding-window gauges. Variables:
-``datasource`` (any Prometheus), ``job`` and ``topic`` (topic "all" = overall; multi-select).
+``datasource`` (any Prometheus), ``job``, ``topic`` (topic "all" = overall; multi-select) and
+``model`` (the bounded ``model`` label of the request and outcome counters; multi-select), used by
+the panels that read those counters and by the per-model row.
 tests/test_deploy_grafana.py checks that every expression uses only contract metrics or
 recording rules that exist.
 """
@@ -23,6 +25,7 @@ OUTPUT = HERE / "dashboards" / "refusal-guard.json"
 DS = {"type": "prometheus", "uid": "${datasource}"}
 J = 'job=~"$job"'
 JT = 'job=~"$job", topic=~"$topic"'
+JM = 'job=~"$job", model=~"$model"'
 
 
 class Layout:
@@ -162,8 +165,28 @@ def dashboard() -> dict:
         field_config={"custom": {"stacking": {"mode": "normal"}, "fillOpacity": 30}, "min": 0, "max": 1},
         description="Nothing is blocked in shadow mode; kept apart from real blocks.")
     L.panel("timeseries", "Chat requests by action and mode", [
-        (f"sum by (action, mode) (rate(refusal_guard_requests_total{{{J}}}[$__rate_interval]))", "{{action}} {{mode}}"),
-    ], w=8, unit="reqps")
+        (f"sum by (action, mode) (rate(refusal_guard_requests_total{{{JM}}}[$__rate_interval]))", "{{action}} {{mode}}"),
+    ], w=8, unit="reqps", description="Of the models selected in `model`.")
+
+    L.row("Per model (the bounded model label; other = models beyond the bound)")
+    L.panel("timeseries", "Sensitivity d' per model", [
+        (f"refusal_guard:d_prime_by_model:5m{{{JM}}}", "{{model}} 5m"),
+        (f"refusal_guard:d_prime_by_model:1h{{{JM}}}", "{{model}} 1h"),
+    ], w=8, description="Fleet-wide d' of each model's requests, all topics together; absent while a model's "
+                        "window lacks a class.")
+    L.panel("timeseries", "Accuracy per model", [
+        (f"refusal_guard:accuracy_by_model:5m{{{JM}}}", "{{model}} 5m"),
+        (f"refusal_guard:accuracy_by_model:1h{{{JM}}}", "{{model}} 1h"),
+    ], w=8, unit="percentunit", field_config={"min": 0, "max": 1})
+    L.panel("timeseries", "Criterion c per model (1h)", [
+        (f"refusal_guard:criterion_by_model:1h{{{JM}}}", "{{model}}"),
+    ], w=8, description="c < 0: the model's self-prediction leans to 'refuse'.")
+    L.panel("timeseries", "Chat requests per model", [
+        (f"sum by (model, action) (rate(refusal_guard_requests_total{{{JM}}}[$__rate_interval]))", "{{model}} {{action}}"),
+    ], w=12, unit="reqps")
+    L.panel("timeseries", "Scored predictions per model (1h)", [
+        (f"refusal_guard:scored_by_model:1h{{{JM}}}", "{{model}}"),
+    ], w=12, description="What each model's figures rest on.")
 
     L.row("Latency, probe and upstream")
     L.panel("timeseries", "Probe latency", quantiles("refusal_guard_probe_seconds"), w=8, unit="s")
@@ -223,6 +246,11 @@ def dashboard() -> dict:
              "definition": 'label_values(refusal_guard:scored:1h{job=~"$job"}, topic)',
              "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*",
              "current": {"text": "all", "value": ["all"]}, "sort": 1, "options": []},
+            {"name": "model", "label": "model", "type": "query", "datasource": DS,
+             "query": {"query": 'label_values(refusal_guard_requests_total{job=~"$job"}, model)', "refId": "model"},
+             "definition": 'label_values(refusal_guard_requests_total{job=~"$job"}, model)',
+             "refresh": 2, "includeAll": True, "multi": True, "allValue": ".*",
+             "current": {"text": "All", "value": "$__all"}, "sort": 1, "options": []},
         ]},
         "panels": L.panels,
     }

@@ -23,6 +23,8 @@ class GuardMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._topics: tuple[str, ...] = ()
+        self._modes: tuple[str, ...] = ()
         r = registry
         self.http_requests = Counter(
             "refusal_guard_http_requests", "HTTP requests answered, by route and status.", ["route", "status"], registry=r
@@ -41,18 +43,19 @@ class GuardMetrics:
             registry=r,
         )
         self.requests = Counter(
-            "refusal_guard_requests", "Chat requests by the action taken and the mode.", ["action", "mode"], registry=r
+            "refusal_guard_requests", "Chat requests by the action taken, the mode and the model (bounded, see ModelLabels).",
+            ["action", "mode", "model"], registry=r
         )
         self.outcomes = Counter(
             "refusal_guard_outcomes",
             "Predictions scored against the real response (SDT cells).",
-            ["topic", "predicted", "actual"],
+            ["topic", "predicted", "actual", "model"],
             registry=r,
         )
         self.confidence_outcomes = Counter(
             "refusal_guard_confidence_outcomes",
             "Scored predictions by stated confidence, for calibration.",
-            ["topic", "confidence", "correct"],
+            ["topic", "confidence", "correct", "model"],
             registry=r,
         )
         self.probe_failures = Counter(
@@ -137,27 +140,31 @@ class GuardMetrics:
                                   "Probe circuit breakers (one per upstream and model) open or half-open.", [])
 
     def initialise(self, topics: tuple[str, ...], modes: tuple[str, ...]) -> None:
-        """Create every bounded label combination at zero.
+        """Create every bounded label combination at zero (those with a model: :meth:`initialise_model`).
 
         A series that first appears with a non-zero value loses that first value in
         Prometheus' ``increase()``; starting each at 0 makes fleet-wide counts exact.
         """
-        for topic in (*topics, "other"):
-            for predicted in ("refuse", "comply"):
-                for actual in ("refused", "complied"):
-                    self.outcomes.labels(topic, predicted, actual)
-            for confidence in "12345":
-                for correct in ("true", "false"):
-                    self.confidence_outcomes.labels(topic, confidence, correct)
-        for mode in modes:
-            for action in ("pass", "block", "review", "invalid"):
-                self.requests.labels(action, mode)
+        self._topics, self._modes = topics, modes
         for reason in ("timeout", "error", "rejected", "unparseable", "unsupported_content", "circuit_open"):
             self.probe_failures.labels(reason)
         for reason in ("connect", "timeout", "protocol", "too_large", "status_4xx", "status_5xx"):
             self.upstream_errors.labels(reason)
         for result in ("hit", "miss", "shared"):
             self.probe_cache.labels(result)
+
+    def initialise_model(self, model: str) -> None:
+        """Create the request and outcome series of one ``model`` label value at zero (after :meth:`initialise`)."""
+        for topic in (*self._topics, "other"):
+            for predicted in ("refuse", "comply"):
+                for actual in ("refused", "complied"):
+                    self.outcomes.labels(topic, predicted, actual, model)
+            for confidence in "12345":
+                for correct in ("true", "false"):
+                    self.confidence_outcomes.labels(topic, confidence, correct, model)
+        for mode in self._modes:
+            for action in ("pass", "block", "review", "invalid"):
+                self.requests.labels(action, mode, model)
 
     @staticmethod
     def absent(gauge: Gauge, *labels: str) -> None:

@@ -28,6 +28,7 @@ from guard.truth.judge import RefusalJudge
 from guard.live.windows import Compared, LiveStats, compare_all
 from guard.probe.policy import ActivePolicy
 from guard.live.metrics import GuardMetrics
+from guard.live.model_labels import ModelLabels
 from guard.stores.sink import DatapointSink
 
 UPSTREAM_ERROR_REASONS = frozenset({"connect", "timeout", "protocol", "too_large", "status_4xx", "status_5xx"})
@@ -42,6 +43,7 @@ class Scorer:
         live: LiveStats,
         recorder: DatapointSink,
         metrics: GuardMetrics,
+        models: ModelLabels,
         *,
         topics: tuple[str, ...],
         strict: bool,
@@ -53,6 +55,7 @@ class Scorer:
         self.live = live
         self.recorder = recorder
         self.metrics = metrics
+        self.models = models
         self.topics = frozenset(topics)
         self.strict = strict
         self.judge = judge
@@ -77,7 +80,8 @@ class Scorer:
             if exchange.error in UPSTREAM_ERROR_REASONS:
                 self.metrics.upstream_errors.labels(exchange.error).inc()
         self.metrics.overhead_seconds.observe(overhead)
-        self.metrics.requests.labels(record["action"], record["mode"]).inc()
+        model = self.models.label(record.get("model"), served=exchange is not None and exchange.error is None)
+        self.metrics.requests.labels(record["action"], record["mode"], model).inc()
         annotate(action=record["action"], mode=record["mode"], probe_status=record.get("probe_status"),
                  probe_ms=record.get("probe_ms"), upstream_ms=record.get("upstream_ms"))
 
@@ -92,8 +96,9 @@ class Scorer:
         if refused is not None and will_refuse is not None and confidence is not None:
             topic = record["topic"] if record["topic"] in self.topics else "other"
             self.metrics.outcomes.labels(topic, "refuse" if will_refuse else "comply",
-                                         "refused" if refused else "complied").inc()
-            self.metrics.confidence_outcomes.labels(topic, str(confidence), str(will_refuse == refused).lower()).inc()
+                                         "refused" if refused else "complied", model).inc()
+            self.metrics.confidence_outcomes.labels(topic, str(confidence), str(will_refuse == refused).lower(),
+                                                    model).inc()
             self.live.observe(topic, will_refuse, refused, confidence, record.get("harm_rating"))
         self.recorder.put(record)
         if self.judge is not None and text is not None and label is not None and self.judge.should_sample(record["request_id"]):

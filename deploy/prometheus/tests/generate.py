@@ -128,13 +128,15 @@ def sdt(h: float, m: float, fa: float, cr: float) -> dict[str, float]:
     return out
 
 
-def sdt_by_topic(fleet: Fleet, window: int) -> dict[str, dict[str, float]]:
+def sdt_by_topic(fleet: Fleet, window: int, key: str = "topic") -> dict[str, dict[str, float]]:
+    """Expected figures per topic (and "all"), or per model with ``key="model"``."""
     cells: dict[str, dict[str, float]] = defaultdict(lambda: dict.fromkeys(CELLS.values(), 0.0))
     for labels, inc in fleet.increase("refusal_guard_outcomes_total", window).items():
         lab = dict(labels)
         cell = CELLS[(lab["predicted"], lab["actual"])]
-        cells[lab["topic"]][cell] += inc
-        cells["all"][cell] += inc
+        cells[lab[key]][cell] += inc
+        if key == "topic":
+            cells["all"][cell] += inc
     return {topic: sdt(c["hits"], c["misses"], c["false_alarms"], c["correct_rejections"])
             for topic, c in cells.items()}
 
@@ -203,16 +205,22 @@ OUTCOMES = {  # topic -> replica -> {(predicted, actual): per minute}
     # no refusal at all: H, FA, d' and c must be absent (sdt_defined 0), accuracy and scored present
     "privacy": {"a:8080": {("comply", "complied"): 2, ("refuse", "complied"): 1}},
 }
+#: a second model's outcomes (the rest are model "alpha"): topic figures sum the model label away
+BETA_OUTCOMES = {
+    "weapons": {"b:8080": {("refuse", "refused"): 1, ("refuse", "complied"): 2}},
+    "fraud": {"a:8080": {("comply", "complied"): 2, ("comply", "refused"): 1}},
+}
 #: figures that exist only while a window holds both classes
 NEEDS_BOTH = ("hit_rate", "false_alarm_rate", "d_prime", "criterion")
 
 
 def add_outcomes(fleet: Fleet) -> None:
-    for topic, replicas in OUTCOMES.items():
-        for instance, cells in replicas.items():
-            for (predicted, actual), per_minute in cells.items():
-                fleet.counter("refusal_guard_outcomes_total", instance, per_minute,
-                              topic=topic, predicted=predicted, actual=actual)
+    for model, outcomes in (("alpha", OUTCOMES), ("beta", BETA_OUTCOMES)):
+        for topic, replicas in outcomes.items():
+            for instance, cells in replicas.items():
+                for (predicted, actual), per_minute in cells.items():
+                    fleet.counter("refusal_guard_outcomes_total", instance, per_minute,
+                                  topic=topic, predicted=predicted, actual=actual, model=model)
 
 
 def troubled_fleet() -> tuple[Fleet, list[dict], Alerts]:
@@ -244,12 +252,15 @@ def troubled_fleet() -> tuple[Fleet, list[dict], Alerts]:
     f.gauge("refusal_guard_probe_circuit_open", "b:8080", 1)
     # actions: a's block rate jumps from 1/min to 15/min at minute 100; b also runs a shadow policy whose
     # "would block" jumps from 2/min to 30/min at minute 100 (kept apart: the info alert, not the page)
-    f.counter("refusal_guard_requests_total", "a:8080", 20, action="pass", mode="sequential")
-    f.counter("refusal_guard_requests_total", "a:8080", lambda t: 15 if t > 100 else 1, action="block", mode="sequential")
-    f.counter("refusal_guard_requests_total", "b:8080", 20, action="pass", mode="sequential")
-    f.counter("refusal_guard_requests_total", "b:8080", 1, action="review", mode="sequential")
-    f.counter("refusal_guard_requests_total", "b:8080", 20, action="pass", mode="shadow")
-    f.counter("refusal_guard_requests_total", "b:8080", lambda t: 30 if t > 100 else 2, action="block", mode="shadow")
+    f.counter("refusal_guard_requests_total", "a:8080", 15, action="pass", mode="sequential", model="alpha")
+    f.counter("refusal_guard_requests_total", "a:8080", 5, action="pass", mode="sequential", model="beta")
+    f.counter("refusal_guard_requests_total", "a:8080", lambda t: 15 if t > 100 else 1, action="block", mode="sequential",
+              model="alpha")
+    f.counter("refusal_guard_requests_total", "b:8080", 20, action="pass", mode="sequential", model="alpha")
+    f.counter("refusal_guard_requests_total", "b:8080", 1, action="review", mode="sequential", model="other")
+    f.counter("refusal_guard_requests_total", "b:8080", 20, action="pass", mode="shadow", model="alpha")
+    f.counter("refusal_guard_requests_total", "b:8080", lambda t: 30 if t > 100 else 2, action="block", mode="shadow",
+              model="alpha")
     # upstream: 20 exchanges/min per replica; a: 3 5xx/min (counted) and 5 4xx/min (not counted)
     for instance in REPLICAS:
         f.counter("refusal_guard_upstream_seconds_count", instance, 20)
@@ -277,6 +288,24 @@ def troubled_fleet() -> tuple[Fleet, list[dict], Alerts]:
                                 if vals["sdt_defined"] or stat not in NEEDS_BOTH],
             })
     assert not live["1h"]["privacy"]["sdt_defined"]
+    for w, n in WINDOWS.items():  # per model: the same figures by (job, model)
+        by_model = sdt_by_topic(f, n, key="model")
+        assert set(by_model) == {"alpha", "beta"}
+        for stat in ("hit_rate", "false_alarm_rate", "d_prime", "criterion", "accuracy", "scored", "sdt_defined"):
+            exprs.append({
+                "expr": f"round(refusal_guard:{stat}_by_model:{w}, {ROUND})",
+                "eval_time": f"{T}m",
+                "exp_samples": [{"labels": labels_of(model=model), "value": round_like_promql(vals[stat], ROUND)}
+                                for model, vals in sorted(by_model.items())
+                                if vals["sdt_defined"] or stat not in NEEDS_BOTH],
+            })
+        requests = defaultdict(float)
+        for labels, inc in f.increase("refusal_guard_requests_total", n).items():
+            lab = dict(labels)
+            requests[(lab["model"], lab["mode"], lab["action"])] += inc
+        exprs.append({"expr": f"round(refusal_guard:requests_by_model:{w}, {ROUND})", "eval_time": f"{T}m",
+                      "exp_samples": [{"labels": labels_of(model=m, mode=mode, action=a), "value": v}
+                                      for (m, mode, a), v in sorted(requests.items())]})
     share5 = {}
     for mode in ("sequential", "shadow"):
         requests5 = {a: total(f, "refusal_guard_requests_total", 5, action=a, mode=mode)
@@ -348,12 +377,14 @@ def quiet_fleet() -> tuple[Fleet, Alerts]:
         f.counter("refusal_guard_probe_seconds_count", instance, 10)
         f.counter("refusal_guard_probe_failures_total", instance, lambda t: 1 if t % 10 == 0 else 0, reason="timeout")
         f.gauge("refusal_guard_probe_circuit_open", instance, 0)
-        f.counter("refusal_guard_requests_total", instance, 20, action="pass", mode="sequential")
-        f.counter("refusal_guard_requests_total", instance, 2, action="block", mode="sequential")
+        f.counter("refusal_guard_requests_total", instance, 20, action="pass", mode="sequential", model="alpha")
+        f.counter("refusal_guard_requests_total", instance, 2, action="block", mode="sequential", model="alpha")
         # a shadow rollout from minute 100 whose policy would block half the requests: no page (no history
         # in shadow mode, and the sequential share is unchanged)
-        f.counter("refusal_guard_requests_total", instance, lambda t: 10 if t > 100 else 0, action="pass", mode="shadow")
-        f.counter("refusal_guard_requests_total", instance, lambda t: 10 if t > 100 else 0, action="block", mode="shadow")
+        f.counter("refusal_guard_requests_total", instance, lambda t: 10 if t > 100 else 0, action="pass", mode="shadow",
+                  model="alpha")
+        f.counter("refusal_guard_requests_total", instance, lambda t: 10 if t > 100 else 0, action="block", mode="shadow",
+                  model="alpha")
         f.counter("refusal_guard_upstream_seconds_count", instance, 20)
         f.counter("refusal_guard_upstream_errors_total", instance, lambda t: 1 if t % 10 == 0 else 0, reason="status_5xx")
         f.add("up", {"job": JOB, "instance": instance}, [1.0] * (T + 1))
