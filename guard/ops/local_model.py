@@ -88,7 +88,10 @@ def default_threads() -> int:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """True if a server could listen on ``port``. SO_REUSEADDR as the servers set it (uvicorn does):
+    connections left in TIME_WAIT by a server that has exited do not make the port busy; a listener does."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
