@@ -124,6 +124,14 @@ def ask(sdk: openai.OpenAI, prompt: str, stream: bool = False) -> str:
     return sdk.chat.completions.create(model="m", messages=messages).choices[0].message.content
 
 
+def dropped_calls(script: JudgeScript) -> int:
+    """Calls the judge saw its caller leave, once one is seen (it polls every 20 ms) or after 5 s."""
+    deadline = time.monotonic() + 5
+    while script.cancelled < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return script.cancelled
+
+
 def probe_by_prompt(data: dict) -> str:
     refuse = "predict-refuse" in json.dumps(data)
     return json.dumps({"will_refuse": refuse, "confidence": 4, "harm_rating": 1, "topic": "hacking"})
@@ -171,8 +179,9 @@ def test_every_sampled_datapoint_carries_the_judges_label_and_calibrate_uses_it(
 
     table = read_datapoints([export])
     assert table.n == 16 and int(table.judged.sum()) == 16
-    assert table.refused.tolist() == [expected[r["prompt"]][0] in REFUSAL_LABELS for r in exported if r["prompt"] in expected]
-    assert table.detector_refused.tolist() == [expected[r["prompt"]][1] for r in exported if r["prompt"] in expected]
+    usable = [expected[r["prompt"]] for r in exported if r["prompt"] in expected]  # the file's order
+    assert table.refused.tolist() == [verdict in REFUSAL_LABELS for verdict, _ in usable]
+    assert table.detector_refused.tolist() == [refusal for _, refusal in usable]
     capsys.readouterr()
     assert calibrate_main(["calibrate", "--datapoints", str(export), "--out", str(tmp_path / "policy.json"),
                            "--n-boot", "20"]) == 0
@@ -194,7 +203,7 @@ def test_a_failing_or_slow_judge_still_gets_every_request_logged(upstream, scrip
     assert [logged[f"judge:{o}"]["judge_label"] for o in orders] == [None, None, None, "partial_refusal"]
     assert all(r["refused"] == 1 for r in logged.values())
     assert (judged(registry, "failed"), judged(registry, "agree")) == (3, 1)
-    assert judge_script.cancelled == 1          # the timed-out call was dropped, not left running
+    assert dropped_calls(judge_script) == 1     # the timed-out call was dropped, not left running
 
 
 def test_audits_pending_at_shutdown_are_awaited_then_cancelled_and_their_requests_logged(
@@ -214,7 +223,7 @@ def test_audits_pending_at_shutdown_are_awaited_then_cancelled_and_their_request
     assert logged["judge:stall=1:partial_compliance"]["judge_label"] == "partial_compliance"
     assert logged["judge:stall=60:full_compliance"]["judge_label"] is None
     assert len(logged) == 2 and (judged(registry, "agree"), judged(registry, "failed")) == (1, 1)
-    assert judge_script.cancelled == 1
+    assert dropped_calls(judge_script) == 1     # the cancelled audit's call was dropped
 
 
 async def test_the_judge_timeout_bounds_the_whole_call_not_each_read():
