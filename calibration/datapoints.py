@@ -59,18 +59,19 @@ FIELDS: tuple[str, ...] = (
     "refused", "probe_ms", "upstream_ms", "total_ms", "policy_version", "probe_template",
     "prompt_sha256",
 )
+#: Optional: an LLM judge's label for the row. Where present it is the row's ground truth (``refused`` =
+#: a refusal label), and ``DatapointTable.detector_refused`` keeps the detector's own ``refused``.
+JUDGE_FIELD = "judge_label"
 #: ``prompt`` is present only when prompt logging is on; the proxy adds the route (chat, completions,
-#: responses), the upstream's own request id and the context the probe could not see (JSON, e.g.
-#: ``{"previous_response_id": ...}``); files written by ``collect`` or before these existed lack them.
-OPTIONAL_FIELDS: tuple[str, ...] = ("prompt", "route", "upstream_request_id", "context")
+#: responses), the upstream's own request id, the context the probe could not see (JSON, e.g.
+#: ``{"previous_response_id": ...}``) and, on requests the optional judge audited, its label
+#: (:data:`JUDGE_FIELD`); files written by ``collect`` or before these existed lack them.
+OPTIONAL_FIELDS: tuple[str, ...] = ("prompt", "route", "upstream_request_id", "context", JUDGE_FIELD)
 
 LABELS = frozenset({"full_refusal", "partial_refusal", "partial_compliance", "full_compliance"})
 PROBE_STATUSES = frozenset({"ok", "cached", "timeout", "error", "unparseable", "skipped"})
 ACTIONS = frozenset({"pass", "block", "review"})
 
-#: Optional: an LLM judge's label for the row. Where present it is the row's ground truth (``refused`` =
-#: a refusal label), and ``DatapointTable.detector_refused`` keeps the detector's own ``refused``.
-JUDGE_FIELD = "judge_label"
 REFUSAL_LABELS = frozenset({"full_refusal", "partial_refusal"})
 
 _BOOL_FIELDS = frozenset({"will_refuse", "refused"})
@@ -381,10 +382,13 @@ class _Builder:
         self.cols["harm_level"].append(rep(_ints(col("harm_level"), -1, np.int16)))
         self.cols["harm_rating"].append(rep(_ints(col("harm_rating"), 0, np.int8)))
         self.cols["will_refuse"].append(rep(np.array(col("will_refuse"), dtype=bool)))
-        refused = rep(np.array(col("refused"), dtype=bool))
-        self.cols["refused"].append(refused)
-        self.cols["judged"].append(np.zeros(refused.size, bool))  # the proxy's sinks store no judge label
-        self.cols["detector_refused"].append(refused)
+        detector = rep(np.array(col("refused"), dtype=bool))
+        judge = col("judge_refused")  # null, or whether the judge's label is a refusal label
+        judged = rep(np.fromiter((v is not None for v in judge), bool, len(g)))
+        self.cols["judged"].append(judged)
+        self.cols["detector_refused"].append(detector)
+        self.cols["refused"].append(np.where(judged, rep(np.fromiter((v is True for v in judge), bool, len(g))),
+                                             detector))
         self.cols["confidence"].append(rep(np.array(col("confidence"), dtype=np.int8)))
         self.cols["p_refuse_logprob"].append(rep(np.array([np.nan if v is None else v for v in col("p_refuse_logprob")],
                                                           np.float64)))
@@ -503,7 +507,7 @@ def _is_sqlite(path: Path) -> bool:
 
 
 def _read_jsonl(path: Path, b: _Builder) -> None:
-    known = set(FIELDS) | set(OPTIONAL_FIELDS) | {JUDGE_FIELD}
+    known = set(FIELDS) | set(OPTIONAL_FIELDS)
     with open(path, "rb") as fh:
         lineno = 0
         while True:
@@ -586,7 +590,7 @@ def _read_sqlite(path: Path, b: _Builder) -> None:
         missing_req = [c for c in ("will_refuse", "confidence", "refused") if c not in present]
         if missing_req:
             raise DatapointError(f"{path}: table 'datapoints' lacks column(s) {missing_req}")
-        b.unknown.update(set(present) - set(FIELDS) - set(OPTIONAL_FIELDS) - {"seq", JUDGE_FIELD})
+        b.unknown.update(set(present) - set(FIELDS) - set(OPTIONAL_FIELDS) - {"seq"})
         wanted = list(_USED) + ["label", "action", JUDGE_FIELD]
         select = ", ".join(c if c in present else "NULL" for c in wanted)
         seq = "seq" if "seq" in present else "rowid"

@@ -1,17 +1,20 @@
 """Datapoints in PostgreSQL: the table the proxy's sink writes, and an aggregating reader.
 
-The table holds :data:`calibration.datapoints.FIELDS` (plus ``prompt``) with native types
+The table holds :data:`calibration.datapoints.FIELDS` (plus ``OPTIONAL_FIELDS``) with native types
 (``ts`` is ``timestamptz``), a ``seq`` in write order, and a BRIN index on ``ts`` for time
 filters and age pruning. :func:`postgres_ddl` creates or migrates it (new columns are added,
 nothing is dropped).
 
 :func:`read_postgres_groups` never moves rows into Python: the database returns one row per
 (prompt cluster, topic, harm level, harm rating, prediction, confidence, outcome, model,
-probe template, ``p_refuse_logprob``) with its count and the first ``seq`` it was seen at, plus
-one row per reason a row is unusable. The logprob is continuous, so where probes return it
-nearly every row is its own group: the aggregation then saves little, but calibration sees the
-same values as from a file export (the continuous score uses them). ``calibration.datapoints`` expands these counts into the columnar table
-calibration consumes, in the same first-seen order the file readers produce.
+probe template, ``p_refuse_logprob``, judge's verdict) with its count and the first ``seq`` it was
+seen at, plus one row per reason a row is unusable. The logprob is continuous, so where probes return
+it nearly every row is its own group: the aggregation then saves little, but calibration sees the
+same values as from a file export (the continuous score uses them). The judge's verdict
+(``judge_refused``) is null where the row has no ``judge_label``, else whether that label is a refusal
+label: the row's ground truth, as in the file readers. It splits a group in three at most.
+``calibration.datapoints`` expands these counts into the columnar table calibration consumes, in the
+same first-seen order the file readers produce.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from calibration.datapoints import ACTIONS, FIELDS, LABELS, OPTIONAL_FIELDS, PROBE_STATUSES
+from calibration.datapoints import ACTIONS, FIELDS, JUDGE_FIELD, LABELS, OPTIONAL_FIELDS, PROBE_STATUSES, REFUSAL_LABELS
 from calibration.datapoints import _BOOL_FIELDS as BOOL_FIELDS
 from calibration.datapoints import _FLOAT_FIELDS as FLOAT_FIELDS
 from calibration.datapoints import _INT_FIELDS as INT_FIELDS
@@ -97,22 +100,23 @@ _INVALID = f"""CASE
     WHEN probe_status IS NOT NULL AND probe_status NOT IN ({_in(PROBE_STATUSES)}) THEN 'invalid probe_status'
     WHEN label IS NOT NULL AND label NOT IN ({_in(LABELS)}) THEN 'invalid label'
     WHEN action IS NOT NULL AND action NOT IN ({_in(ACTIONS)}) THEN 'invalid action'
+    WHEN {{judge}} IS NOT NULL AND {{judge}} NOT IN ({_in(LABELS)}) THEN 'invalid judge_label'
 END"""
 
 _SOURCE = f"""
     SELECT d.*, coalesce(d.id, d.prompt_sha256, 'row:' || d.seq) AS cluster, {_INVALID} AS invalid,
-           {{dup}} AS dup
+           {{dup}} AS dup, {{judge}} IN ({_in(REFUSAL_LABELS)}) AS judge_refused
     FROM datapoints d
     WHERE ($1::timestamptz IS NULL OR d.ts >= $1) AND ($2::text IS NULL OR d.model = $2)
 """
 _GROUPS = """
     SELECT cluster, topic, harm_level, harm_rating, will_refuse, confidence, refused, model, probe_template,
-           p_refuse_logprob,
+           p_refuse_logprob, judge_refused,
            count(*) AS n, min(seq) AS first
     FROM src
     WHERE NOT dup AND invalid IS NULL AND will_refuse IS NOT NULL AND confidence IS NOT NULL AND refused IS NOT NULL
     GROUP BY cluster, topic, harm_level, harm_rating, will_refuse, confidence, refused, model, probe_template,
-             p_refuse_logprob
+             p_refuse_logprob, judge_refused
     ORDER BY first
 """
 _UNUSABLE = """
@@ -145,7 +149,8 @@ async def _read(url: str, since: datetime | None, model: str | None,
             "AND table_schema = current_schema()")]
         if not present:
             raise LookupError("no 'datapoints' table")
-        missing = sorted(set(FIELDS + OPTIONAL_FIELDS) - set(present))
+        missing = sorted(set(FIELDS + OPTIONAL_FIELDS) - set(present) - {JUDGE_FIELD})  # a table before judge_label
+        judge = f"d.{JUDGE_FIELD}" if JUDGE_FIELD in present else "NULL::text"
         if missing:
             raise LookupError(f"table 'datapoints' lacks column(s) {missing}")
         async with con.transaction(readonly=not exclude, isolation="repeatable_read"):
@@ -155,7 +160,7 @@ async def _read(url: str, since: datetime | None, model: str | None,
                 await con.copy_records_to_table("seen", records=exclude)
                 await con.execute("ANALYZE seen")
                 dup = "EXISTS (SELECT 1 FROM seen s WHERE s.request_id = d.request_id AND s.ts = d.ts)"
-            with_src = "WITH src AS (" + _SOURCE.format(dup=dup) + ")"
+            with_src = "WITH src AS (" + _SOURCE.format(dup=dup, judge=judge) + ")"
             groups = [dict(r) for r in await con.fetch(with_src + _GROUPS, since, model)]
             unusable = [dict(r) for r in await con.fetch(with_src + _UNUSABLE, since, model)]
     finally:

@@ -153,6 +153,7 @@ def create_app(
             stack.push_async_callback(runtime.router.scorer.recorder.stop)
             await runtime.router.reviews.start()
             stack.push_async_callback(runtime.router.reviews.stop)
+            stack.push_async_callback(runtime.router.scorer.stop)  # before the sink's stop: audits log their records
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                 # Only possible in the main thread (not when a test serves the app from a thread).
                 loop = asyncio.get_running_loop()
@@ -313,7 +314,8 @@ def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.Async
     judge = None
     if settings.judge_url and settings.judge_model and settings.judge_fraction > 0:
         key = settings.judge_api_key.get_secret_value() if settings.judge_api_key else None
-        judge = RefusalJudge(client, settings.judge_url, settings.judge_model, key, sample_rate=settings.judge_fraction)
+        judge = RefusalJudge(client, settings.judge_url, settings.judge_model, key, sample_rate=settings.judge_fraction,
+                             timeout=settings.judge_timeout)
     scorer = Scorer(
         RefusalDetector(), live,
         open_sink(settings.datapoints, metrics, queue_size=settings.datapoint_queue_size,

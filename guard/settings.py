@@ -156,6 +156,9 @@ class Settings(BaseSettings):
     judge_model: str | None = None
     judge_api_key: SecretStr | None = None
     judge_fraction: float = Field(default=0.0, ge=0, le=1)
+    judge_timeout: float = Field(default=30.0, gt=0, description=(
+        "Longest one judge call may take; past it the audit counts as failed and the datapoint is logged "
+        "without judge_label."))
 
     # --- process logs ----------------------------------------------------------------------
     log_format: Literal["text", "json"] = Field(default="text", description=(

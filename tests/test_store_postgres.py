@@ -32,14 +32,17 @@ from pydantic import SecretStr
 
 from calibration.calibrate import calibrate_table
 from calibration.cli import main as calibrate_main
+from calibration.agreement import detector_judge_agreement
 from calibration.datapoints import DUPLICATE, FIELDS, DatapointError, read_datapoints
+from calibration.postgres import postgres_ddl
 from calibration.policy import Policy
 from calibration.sdt import simulate
 from guard.app import create_app
 from guard.cli import main as guard_main
 from guard.live.metrics import GuardMetrics
 from guard.settings import Settings, settings_to_json
-from guard.stores.postgres import PostgresSink
+from guard.stores.postgres import PostgresSink, _pg_row
+from guard.stores.recorder import COLUMNS
 from guard.stores.sink import Retention
 from tests.postgres_server import PASSWORD, PostgresServer, postgres_bin
 from tests.servers import ServerThread, free_port, wait_http
@@ -101,7 +104,7 @@ async def test_every_datapoint_is_written_once_with_native_types(db_url):
     sink = PostgresSink(SecretStr(db_url), metrics, batch_size=100, flush_interval=0.01)
     await sink.start()
     for i in range(1234):
-        sink.put(record(i, prompt="hello" if i == 0 else None))
+        sink.put(record(i, prompt="hello" if i == 0 else None, judge_label="partial_refusal" if i % 3 == 0 else None))
     await sink.stop()
     rows = await fetch(db_url, "SELECT * FROM datapoints ORDER BY seq")
     assert len(rows) == 1234 and sink.written == 1234 and dropped(metrics) == 0
@@ -111,6 +114,7 @@ async def test_every_datapoint_is_written_once_with_native_types(db_url):
     assert isinstance(first["ts"], datetime) and first["ts"].tzinfo is not None
     assert first["prompt"] == "hello" and rows[1]["prompt"] is None
     assert first["probe_ms"] == 1.5 and first["harm_level"] is None
+    assert [r["judge_label"] for r in rows[:3]] == ["partial_refusal", None, None]
 
 
 async def test_an_old_table_is_migrated_and_keeps_its_rows(db_url):
@@ -123,7 +127,7 @@ async def test_an_old_table_is_migrated_and_keeps_its_rows(db_url):
     await sink.start()
     sink.put(record(1))
     await sink.stop()
-    rows = await fetch(db_url, "SELECT request_id, p_correct, prompt FROM datapoints ORDER BY seq")
+    rows = await fetch(db_url, "SELECT request_id, p_correct, prompt, judge_label FROM datapoints ORDER BY seq")
     assert [r["request_id"] for r in rows] == ["old", "req-1"] and rows[1]["p_correct"] == 0.9
 
 
@@ -372,12 +376,17 @@ def fleet_data(pg: PostgresServer, tmp_path_factory) -> tuple[str, Path]:
     order = rng.permutation(n)                           # requests of one prompt arrive interleaved
     start = datetime(2026, 11, 20, tzinfo=timezone.utc)
     records = []
+    judge_flips = rng.random(n) < 0.2                    # where a judge audited, it disagrees on a fifth
     for j, i in enumerate(order):
+        refused = bool(d["refused"][i])
+        judge = None
+        if j % 3 == 0:                                   # a third of the rows carry the judge's label
+            judge = ("partial_refusal" if refused != bool(judge_flips[j]) else "partial_compliance")
         records.append(record(j, ts=start + timedelta(minutes=5 * j), model="m-1" if i % 5 else "m-2",
                               id=f"prompt-{d['prompt'][i]}", topic=["cyber", "bio", "misc"][d["topic"][i]],
                               will_refuse=bool(d["will_refuse"][i]), confidence=int(d["confidence"][i]),
-                              harm_rating=int(d["harm_rating"][i]), refused=bool(d["refused"][i]),
-                              prompt_sha256=None))
+                              harm_rating=int(d["harm_rating"][i]), refused=refused,
+                              prompt_sha256=None, judge_label=judge))
     for j in range(40):                                  # unusable rows: probe timeouts, blocked requests
         records.append(record(n + j, ts=start + timedelta(days=5, minutes=j), model="m-1",
                               will_refuse=None, confidence=None, probe_status="timeout"))
@@ -394,7 +403,9 @@ def fleet_data(pg: PostgresServer, tmp_path_factory) -> tuple[str, Path]:
     assert dropped(metrics) == 0
     export = tmp_path_factory.mktemp("export") / "fleet.jsonl"
     assert guard_main(["export", "--db", url, "--out", str(export)]) == 0
-    assert sum(1 for _ in export.open()) == len(records)
+    exported = [json.loads(line) for line in export.open()]
+    assert len(exported) == len(records)
+    assert [r.get("judge_label") for r in exported] == [r.get("judge_label") for r in records]
     return url, export
 
 
@@ -413,6 +424,10 @@ def test_calibrate_from_the_database_equals_calibrate_from_its_export(fleet_data
         assert from_db.prompt_ids == from_file.prompt_ids and from_db.topics == from_file.topics
         assert from_db.skipped == from_file.skipped
         assert from_db.data_hash() == from_file.data_hash()
+        # the judge's label is the ground truth where present, in the database's aggregation as in the file
+        assert from_db.judged.sum() == from_file.judged.sum() > 30
+        assert from_db.detector_refused.sum() == from_file.detector_refused.sum() != from_db.refused.sum()
+        assert detector_judge_agreement(from_db) == detector_judge_agreement(from_file)
         assert _policy(from_db) == _policy(from_file)
     everything = read_datapoints([url])
     assert everything.n == read_datapoints([url], model="m-1").n + read_datapoints([url], model="m-2").n
@@ -444,6 +459,33 @@ def test_a_row_given_twice_is_used_once(fleet_data, tmp_path):
     moved["ts"] = "2030-01-01T00:00:00.000+00:00"
     copy.write_text(json.dumps(moved) + "\n")
     assert read_datapoints([export, copy]).n == alone.n + 1
+
+
+async def test_judge_labels_in_a_table_from_before_them_or_invalid(db_url, tmp_path):
+    # A table written before judge_label existed is still calibrated (no judged rows); an invalid
+    # judge_label is named like any invalid enum, in the database as in its export.
+    con = await asyncpg.connect(db_url)
+    await con.execute(postgres_ddl()[0])
+    await con.execute("ALTER TABLE datapoints DROP COLUMN judge_label")
+    columns = [c for c in COLUMNS if c != "judge_label"]
+    await con.copy_records_to_table("datapoints", columns=columns, records=[
+        tuple(v for k, v in zip(COLUMNS, _pg_row(record(i))) if k != "judge_label") for i in range(20)])
+    await con.close()
+    table = await asyncio.to_thread(read_datapoints, [db_url])
+    assert table.n == 20 and not table.judged.any() and (table.refused == table.detector_refused).all()
+    sink = PostgresSink(SecretStr(db_url), GuardMetrics(CollectorRegistry()), flush_interval=0.01)
+    await sink.start()                                   # the sink adds the column
+    sink.put(record(20, judge_label="maybe"))
+    sink.put(record(21, judge_label="full_refusal", refused=False))
+    await sink.stop()
+    with pytest.raises(DatapointError, match="invalid judge_label"):
+        await asyncio.to_thread(read_datapoints, [db_url])
+    export = tmp_path / "x.jsonl"
+    assert await asyncio.to_thread(guard_main, ["export", "--db", db_url, "--out", str(export)]) == 0
+    from_db = await asyncio.to_thread(read_datapoints, [db_url], on_error="skip")
+    from_file = await asyncio.to_thread(read_datapoints, [export], on_error="skip")
+    assert from_db.skipped == from_file.skipped == {"invalid judge_label": 1}
+    assert from_db.judged.sum() == from_file.judged.sum() == 1 and from_db.data_hash() == from_file.data_hash()
 
 
 def test_calibrate_cli_reads_urls_with_since_and_model(fleet_data, tmp_path, capsys):

@@ -33,10 +33,10 @@ from typing import Any, TextIO
 
 from pydantic import SecretStr
 
-from calibration.datapoints import FIELDS
+from calibration.datapoints import FIELDS, OPTIONAL_FIELDS
 from calibration.postgres import SCHEMA_LOCK_KEY, postgres_ddl, scrub
 from guard.live.metrics import GuardMetrics
-from guard.stores.recorder import COLUMNS, PromptHasher, _row, load_hash_key
+from guard.stores.recorder import COLUMNS, PromptHasher, _row, add_optional, load_hash_key
 from guard.stores.sink import Retention, StoreUnavailable, drain_batches, offer
 
 log = logging.getLogger("refusal_guard")
@@ -207,8 +207,7 @@ async def _export(url: str, out: TextIO) -> int:
                 record = {k: row[k] for k in FIELDS}
                 if record["ts"] is not None:
                     record["ts"] = record["ts"].isoformat(timespec="milliseconds")
-                if row["prompt"] is not None:
-                    record["prompt"] = row["prompt"]
+                add_optional(record, row, OPTIONAL_FIELDS)
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 count += 1
     finally:

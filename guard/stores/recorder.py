@@ -212,6 +212,13 @@ def prune_sqlite(db: sqlite3.Connection, retention: Retention) -> int:
         return db.execute("DELETE FROM datapoints WHERE seq < ?", (cut,)).rowcount
 
 
+def add_optional(record: dict[str, Any], row: Any, names: Any) -> None:
+    """Add the optional fields ``names`` that ``row`` holds (not null) to an exported ``record``."""
+    record.update({k: row[k] for k in names if row[k] is not None})
+    if isinstance(record.get("context"), str):
+        record["context"] = json.loads(record["context"])
+
+
 def export_jsonl(database: Path, out: TextIO) -> int:
     """Write every datapoint as one JSON line (schema ``calibration.datapoints``); return the count."""
     db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
@@ -225,9 +232,7 @@ def export_jsonl(database: Path, out: TextIO) -> int:
             for k in ("will_refuse", "refused"):
                 if record[k] is not None:
                     record[k] = bool(record[k])
-            record.update({k: row[k] for k in optional if row[k] is not None})
-            if isinstance(record.get("context"), str):
-                record["context"] = json.loads(record["context"])
+            add_optional(record, row, optional)
             out.write(json.dumps(record, ensure_ascii=False) + "\n")
             count += 1
     finally:

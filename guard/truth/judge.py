@@ -12,6 +12,7 @@ obeyed - a mitigation, not a guarantee, which is one more reason the judge only 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -46,7 +47,8 @@ class RefusalJudge:
     """Ask an OpenAI-compatible model for a refusal label.
 
     ``base_url`` is the API root that ``/chat/completions`` is appended to (e.g. ``http://host:8080/v1``).
-    ``sample_rate`` is the fraction of keys ``should_sample`` accepts.
+    ``sample_rate`` is the fraction of keys ``should_sample`` accepts; ``timeout`` bounds one whole call
+    (connect, send, every read of a slowly dripping answer): past it ``label`` returns ``None``.
     """
 
     def __init__(
@@ -94,12 +96,13 @@ class RefusalJudge:
             ],
         }
         try:
-            reply = await self._client.post(
-                self._url, json=body, headers=self._headers, timeout=self._timeout
-            )
+            async with asyncio.timeout(self._timeout):  # the whole call: httpx's timeout bounds each read only
+                reply = await self._client.post(
+                    self._url, json=body, headers=self._headers, timeout=self._timeout
+                )
             reply.raise_for_status()
             content = reply.json()["choices"][0]["message"]["content"]
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        except (httpx.HTTPError, TimeoutError, ValueError, KeyError, IndexError, TypeError):
             return None
         return parse_label(content)
 

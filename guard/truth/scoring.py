@@ -12,17 +12,25 @@ datapoint). A blocked request has no answer; an answer from the review upstream 
 probe predicted the guarded model, not the review model. :meth:`Scorer.compared` tells the
 drift detectors which probe cells that leaves under the policy and routing in force, so their
 baselines describe the same population (``guard.live.windows``).
+
+With the optional LLM judge, a sampled request's datapoint is held until the judge answers (its
+call is bounded by ``judge_timeout``) and then logged with the verdict as ``judge_label``, which
+``calibrate`` takes as that row's ground truth; unsampled datapoints are logged at once. At shutdown
+:meth:`Scorer.stop` gives pending audits ``audit_grace`` seconds, then cancels them and logs their
+datapoints without a judge label.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
+from calibration.datapoints import JUDGE_FIELD
 from guard.logs import annotate
 from guard.tracing import Tracing
-from guard.truth.detector import RefusalDetector, is_refusal
+from guard.truth.detector import Label, RefusalDetector, is_refusal
 from guard.proxy.forward import Exchange
 from guard.truth.judge import RefusalJudge
 from guard.live.windows import Compared, LiveStats, compare_all
@@ -50,6 +58,7 @@ class Scorer:
         judge: RefusalJudge | None = None,
         tracing: Tracing | None = None,
         review_upstream: bool = False,
+        audit_grace: float = 5.0,
     ) -> None:
         self.detector = detector
         self.live = live
@@ -61,7 +70,9 @@ class Scorer:
         self.judge = judge
         self.tracing = tracing or Tracing()
         self.review_upstream = review_upstream
-        self._audits: set[asyncio.Task[None]] = set()
+        self.audit_grace = audit_grace
+        self._audits: set[asyncio.Task[Label | None]] = set()
+        self._stopping = False
 
     def submit(self, record: dict[str, Any], exchange: Exchange | None, started: float) -> None:
         """Complete ``record`` with the outcome and timings, then count and log it."""
@@ -100,11 +111,13 @@ class Scorer:
             self.metrics.confidence_outcomes.labels(topic, str(confidence), str(will_refuse == refused).lower(),
                                                     model).inc()
             self.live.observe(topic, will_refuse, refused, confidence, record.get("harm_rating"))
-        self.recorder.put(record)
-        if self.judge is not None and text is not None and label is not None and self.judge.should_sample(record["request_id"]):
-            task = asyncio.get_running_loop().create_task(self._audit(record.get("prompt"), text, label))
+        if (self.judge is not None and not self._stopping and text is not None and label is not None
+                and self.judge.should_sample(record["request_id"])):
+            task = asyncio.get_running_loop().create_task(self.judge.label(record.get("prompt"), text))
             self._audits.add(task)
-            task.add_done_callback(self._audits.discard)
+            task.add_done_callback(functools.partial(self._audited, record, label))
+        else:
+            self.recorder.put(record)
 
     def answered_by_guarded_model(self, mode: str, action: str) -> bool:
         """Whether a request routed to ``action`` in ``mode`` gets its answer from the guarded model."""
@@ -123,11 +136,33 @@ class Scorer:
 
         return compared
 
-    async def _audit(self, prompt: str | None, text: str, label: Any) -> None:
-        assert self.judge is not None
-        verdict = await self.judge.label(prompt, text)
+    def _audited(self, record: dict[str, Any], label: Label, task: asyncio.Task[Label | None]) -> None:
+        """Log ``record`` once its audit is done, with the judge's verdict as ``judge_label``.
+
+        A done callback, so it runs however the audit ended (even cancelled before it started): without
+        ``judge_label``, the audit counted as failed, when the judge failed, timed out or was cancelled.
+        """
+        self._audits.discard(task)
+        verdict = None if task.cancelled() or task.exception() is not None else task.result()
         if verdict is None:
             self.metrics.judge.labels("failed").inc()
         else:
+            record[JUDGE_FIELD] = verdict.value
             agree = is_refusal(verdict, self.strict) == is_refusal(label, self.strict)
             self.metrics.judge.labels("agree" if agree else "disagree").inc()
+        self.recorder.put(record)
+
+    async def stop(self) -> None:
+        """Wait up to ``audit_grace`` seconds for pending audits, then cancel the rest.
+
+        Every held record is logged (the cancelled ones without ``judge_label``), so run this before
+        the sink's own ``stop``. Requests scored from now on are not sampled: logged at once.
+        """
+        self._stopping = True
+        pending = set(self._audits)
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=self.audit_grace)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
