@@ -1,6 +1,7 @@
 """The labelled refusal corpora, read from ``../shared/data`` (never shipped), as one row type.
 
     rows = load_all()            # every labelled corpus plus the hand-written other-styles set
+    dev, test = load_blind()     # the blind other-styles set: measured only, never trained on
     rows = load_corpus("refusal-gptfuzz")
 
 Each row is ``Row(text, refused, corpus, source_model, group)``: the answer, the lenient binary under the
@@ -11,6 +12,7 @@ own labels is written down in docs/detector.md; the code below is that mapping a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 OTHER_STYLES = ROOT / "benchmarks" / "data" / "other_styles.jsonl"
+BLIND = ROOT / "benchmarks" / "data" / "other_styles_blind.jsonl"
 
 CHATGPT = "chatgpt-refusals"
 CORPORA = (CHATGPT, "refusal-gptfuzz", "refusal-openai-rbr-gold", "refusal-purseclab-jailbreak-eval",
@@ -62,6 +65,18 @@ def load_corpus(name: str, shared: Path = SHARED) -> list[Row]:
 def load_all(shared: Path = SHARED) -> dict[str, list[Row]]:
     """Every corpus by name, in ``CORPORA`` order."""
     return {name: load_corpus(name, shared) for name in CORPORA}
+
+
+def load_blind(path: Path = BLIND) -> tuple[list[Row], list[Row]]:
+    """The blind other-styles set as (dev, test) halves, split by the parity of SHA-256(id).
+
+    Never trained or tuned on (it is not in ``CORPORA``): the dev half's errors were read while the rules
+    were revised; the test half's items never were (docs/detector.md)."""
+    halves: tuple[list[Row], list[Row]] = ([], [])
+    for r in _jsonl(path):
+        parity = int(hashlib.sha256(r["id"].encode()).hexdigest(), 16) % 2
+        halves[parity].append(Row(r["response"], r["refused"], "other-styles-blind", r["style"], r["prompt"]))
+    return halves
 
 
 def keyword_lists(shared: Path = SHARED) -> dict[str, dict]:

@@ -7,6 +7,7 @@ refusal = positive, accuracy:
 
 * **LOCO** - the detector trained without that corpus (``benchmarks/data/loco_weights.json``, written
   by ``benchmarks/train_detector.py``): the generalisation figure, the one the shipped default is chosen by;
+  for the blind other-styles set, which no fit is trained on, the shipped detector;
 * **shipped** - the shipped weights (trained on every corpus: an in-corpus figure, except for
   chatgpt-refusals' held-out half, which no weights were trained on);
 * **rules only** - ``RefusalDetector(rules_only=True)``, the hand-written decision over the same features;
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.corpora import CHATGPT, Row, keyword_lists, keyword_predictor, load_all  # noqa: E402
+from benchmarks.corpora import CHATGPT, Row, keyword_lists, keyword_predictor, load_all, load_blind  # noqa: E402
 from benchmarks.train_detector import LOCO_OUT, split_half  # noqa: E402
 from guard.proxy.sse import ContentCollector  # noqa: E402
 from guard.truth.detector import RefusalDetector, is_refusal  # noqa: E402
@@ -55,7 +56,10 @@ def accuracy(predict: Predict, rows: Sequence[Row]) -> float:
 
 
 def columns(corpus: str, loco: dict) -> dict[str, Predict]:
-    cols = {"LOCO": detector_predictor(RefusalDetector(weights=loco[corpus])),
+    """The predictors compared on ``corpus``. For a set no fit was trained on (the blind set), the
+    left-out figure is the shipped detector's: it never saw that set either."""
+    left_out = RefusalDetector(weights=loco[corpus]) if corpus in loco else RefusalDetector()
+    cols = {"LOCO": detector_predictor(left_out),
             "shipped": detector_predictor(RefusalDetector()),
             "rules only": detector_predictor(RefusalDetector(rules_only=True))}
     cols.update({name: keyword_predictor(spec) for name, spec in keyword_lists().items()})
@@ -119,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sets = dict(corpora)
     sets[f"{CHATGPT} (held-out half)"] = split_half(corpora[CHATGPT])[1]
     sets["other-styles v3 (items 81-149; errors never inspected)"] = corpora["other-styles"][80:]
+    blind_dev, blind_test = load_blind()
+    sets["other-styles-blind dev half (errors read while revising the rules)"] = blind_dev
+    sets["other-styles-blind test half (items never read)"] = blind_test
     names = list(columns(CHATGPT, loco["left_out"]))
     print("| corpus | n | refusals | " + " | ".join(names) + " | LOCO - best list |")
     print("|---|---:|---:|" + "---:|" * (len(names) + 1))
@@ -149,13 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nper source model (accuracy):")
     print("| corpus | source model | n | " + " | ".join(names) + " |")
     print("|---|---|---:|" + "---:|" * len(names))
-    for name, rows in corpora.items():
+    for name, rows in {**corpora, "other-styles-blind (test half)": blind_test}.items():
         groups: dict[str, list[Row]] = defaultdict(list)
         for r in rows:
             groups[r.source_model].append(r)
-        if len(groups) < 2 and name != "other-styles":
+        if len(groups) < 2:
             continue
-        cols = columns(name, loco["left_out"])
+        cols = columns(name.split(" ")[0], loco["left_out"])
         for model, sub in sorted(groups.items()):
             print(f"| {name} | {model} | {len(sub)} | "
                   + " | ".join(f"{accuracy(cols[k], sub):.3f}" for k in names) + " |")

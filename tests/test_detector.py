@@ -28,7 +28,8 @@ from guard.truth.detector import (
 
 # Accuracy floors: the figures docs/detector.md publishes (python3 benchmarks/detector_accuracy.py)
 # minus a small margin, so that a real regression fails while harmless edits do not.
-PUBLISHED = {"chatgpt-refusals held-out": 0.834, "other-styles": 0.879}
+PUBLISHED = {"chatgpt-refusals held-out": 0.829, "other-styles": 0.886, "other-styles-blind test half": 0.951,
+             "refusal-gptfuzz": 0.845, "refusal-purseclab-jailbreak-eval": 0.843}
 MARGIN = 0.02
 
 
@@ -194,7 +195,7 @@ def test_weights_ship_inside_the_package() -> None:
     assert {"bias", "threshold", "weights", "ngrams", "meta"} <= weights.keys()
     assert weights["meta"]["variant"] in VARIANTS
     # Every weighted feature is one the detector can produce (a prefix it emits).
-    prefixes = ("open:", "head:", "tail:", "start:", "shape:", "x:", "rule:", "o:", "c:")
+    prefixes = ("open:", "head:", "tail:", "start:", "shape:", "voice:", "lead:", "x:", "rule:", "o:", "c:")
     assert all(k.startswith(prefixes) for k in weights["weights"])
 
 
@@ -206,6 +207,20 @@ def test_rules_only_needs_no_weights() -> None:
 
 needs_data = pytest.mark.skipif(not (SHARED / "refusal-gptfuzz").exists(),
                                 reason=f"shared data not found at {SHARED}")
+
+
+@needs_data
+def test_blind_set_is_measured_never_trained_on() -> None:
+    # The blind other-styles set is only scored (benchmarks/detector_accuracy.py): it is not a training
+    # corpus, and none of its answers is in one (beyond stock one-liners such as "I can't help with that.",
+    # which any two sets share).
+    from benchmarks.corpora import CORPORA, load_blind
+
+    dev, test = load_blind()
+    assert len(dev) + len(test) == 200 and dev and test
+    assert "other-styles-blind" not in CORPORA
+    trained = {r.text for rows in load_all().values() for r in rows}
+    assert not trained & {r.text for r in dev + test if len(r.text) > 80}
 
 
 @needs_data
@@ -240,3 +255,22 @@ def test_other_styles_accuracy(detector: RefusalDetector) -> None:
     assert sum(r.refused for r in rows) == 79
     acc = sum(is_refusal(detector.label(r.text)) == r.refused for r in rows) / len(rows)
     assert acc >= PUBLISHED["other-styles"] - MARGIN
+
+
+@needs_data
+@pytest.mark.parametrize("corpus", ["refusal-gptfuzz", "refusal-purseclab-jailbreak-eval"])
+def test_jailbreak_corpora_accuracy(detector: RefusalDetector, corpus: str) -> None:
+    # Dual-voice answers ("[GPT]: I can't. [DAN]: Sure, ...") and leaked control tokens ("<s>") are
+    # what these two corpora test beyond the others.
+    rows = load_all()[corpus]
+    acc = sum(is_refusal(detector.label(r.text)) == r.refused for r in rows) / len(rows)
+    assert acc >= PUBLISHED[corpus] - MARGIN
+
+
+@needs_data
+def test_blind_test_half_accuracy(detector: RefusalDetector) -> None:
+    from benchmarks.corpora import load_blind
+
+    rows = load_blind()[1]
+    acc = sum(is_refusal(detector.label(r.text)) == r.refused for r in rows) / len(rows)
+    assert acc >= PUBLISHED["other-styles-blind test half"] - MARGIN
