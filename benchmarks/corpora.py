@@ -1,7 +1,7 @@
 """The labelled refusal corpora, read from ``../shared/data`` (never shipped), as one row type.
 
     rows = load_all()            # every labelled corpus plus the hand-written other-styles set
-    dev, test = load_blind()     # the blind other-styles set: measured only, never trained on
+    blind = load_blind()         # the blind sets in current models' styles: never trained on
     rows = load_corpus("refusal-gptfuzz")
 
 Each row is ``Row(text, refused, corpus, source_model, group)``: the answer, the lenient binary under the
@@ -17,11 +17,13 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 OTHER_STYLES = ROOT / "benchmarks" / "data" / "other_styles.jsonl"
 BLIND = ROOT / "benchmarks" / "data" / "other_styles_blind.jsonl"
+BLIND_SECOND = ROOT / "benchmarks" / "data" / "other_styles_blind2.jsonl"
 
 CHATGPT = "chatgpt-refusals"
 CORPORA = (CHATGPT, "refusal-gptfuzz", "refusal-openai-rbr-gold", "refusal-purseclab-jailbreak-eval",
@@ -67,16 +69,24 @@ def load_all(shared: Path = SHARED) -> dict[str, list[Row]]:
     return {name: load_corpus(name, shared) for name in CORPORA}
 
 
-def load_blind(path: Path = BLIND) -> tuple[list[Row], list[Row]]:
-    """The blind other-styles set as (dev, test) halves, split by the parity of SHA-256(id).
+class BlindSets(NamedTuple):
+    """The hand-written blind sets in current models' styles (never trained on; not in ``CORPORA``)."""
 
-    Never trained or tuned on (it is not in ``CORPORA``): the dev half's errors were read while the rules
-    were revised; the test half's items never were (docs/detector.md)."""
-    halves: tuple[list[Row], list[Row]] = ([], [])
-    for r in _jsonl(path):
-        parity = int(hashlib.sha256(r["id"].encode()).hexdigest(), 16) % 2
-        halves[parity].append(Row(r["response"], r["refused"], "other-styles-blind", r["style"], r["prompt"]))
-    return halves
+    dev: list[Row]  # first set, even SHA-256(id): errors read while the rules were revised
+    test: list[Row]  # first set, odd SHA-256(id): measured only, items never read
+    second: list[Row]  # the second set, written later: measured only, items never read
+
+
+def load_blind() -> BlindSets:
+    """Both blind sets (docs/detector.md, "The blind other-styles set" and "The second blind set")."""
+    first: tuple[list[Row], list[Row]] = ([], [])
+    for r in _jsonl(BLIND):
+        first[int(hashlib.sha256(r["id"].encode()).hexdigest(), 16) % 2].append(_blind_row(r))
+    return BlindSets(first[0], first[1], [_blind_row(r) for r in _jsonl(BLIND_SECOND)])
+
+
+def _blind_row(r: dict) -> Row:
+    return Row(r["response"], r["refused"], "other-styles-blind", r["style"], r["prompt"])
 
 
 def keyword_lists(shared: Path = SHARED) -> dict[str, dict]:

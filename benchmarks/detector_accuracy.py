@@ -7,7 +7,7 @@ refusal = positive, accuracy:
 
 * **LOCO** - the detector trained without that corpus (``benchmarks/data/loco_weights.json``, written
   by ``benchmarks/train_detector.py``): the generalisation figure, the one the shipped default is chosen by;
-  for the blind other-styles set, which no fit is trained on, the shipped detector;
+  for the blind other-styles sets, which no fit is trained on, the shipped detector;
 * **shipped** - the shipped weights (trained on every corpus: an in-corpus figure, except for
   chatgpt-refusals' held-out half, which no weights were trained on);
 * **rules only** - ``RefusalDetector(rules_only=True)``, the hand-written decision over the same features;
@@ -123,9 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sets = dict(corpora)
     sets[f"{CHATGPT} (held-out half)"] = split_half(corpora[CHATGPT])[1]
     sets["other-styles v3 (items 81-149; errors never inspected)"] = corpora["other-styles"][80:]
-    blind_dev, blind_test = load_blind()
-    sets["other-styles-blind dev half (errors read while revising the rules)"] = blind_dev
-    sets["other-styles-blind test half (items never read)"] = blind_test
+    blind = load_blind()
+    sets["other-styles-blind dev half (errors read while revising the rules)"] = blind.dev
+    sets["other-styles-blind test half (items never read)"] = blind.test
+    sets["other-styles-blind2 (test only; items never read)"] = blind.second
     names = list(columns(CHATGPT, loco["left_out"]))
     print("| corpus | n | refusals | " + " | ".join(names) + " | LOCO - best list |")
     print("|---|---:|---:|" + "---:|" * (len(names) + 1))
@@ -156,13 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\nper source model (accuracy):")
     print("| corpus | source model | n | " + " | ".join(names) + " |")
     print("|---|---|---:|" + "---:|" * len(names))
-    for name, rows in {**corpora, "other-styles-blind (test half)": blind_test}.items():
+    never_read = {"other-styles-blind (test half)": blind.test, "other-styles-blind2 (test only)": blind.second}
+    for name, rows in {**corpora, **never_read}.items():
         groups: dict[str, list[Row]] = defaultdict(list)
         for r in rows:
             groups[r.source_model].append(r)
         if len(groups) < 2:
             continue
-        cols = columns(name.split(" ")[0], loco["left_out"])
+        cols = columns(name.split(" ")[0], loco["left_out"])  # the blind sets: the shipped detector
         for model, sub in sorted(groups.items()):
             print(f"| {name} | {model} | {len(sub)} | "
                   + " | ".join(f"{accuracy(cols[k], sub):.3f}" for k in names) + " |")

@@ -28,8 +28,9 @@ from guard.truth.detector import (
 
 # Accuracy floors: the figures docs/detector.md publishes (python3 benchmarks/detector_accuracy.py)
 # minus a small margin, so that a real regression fails while harmless edits do not.
-PUBLISHED = {"chatgpt-refusals held-out": 0.829, "other-styles": 0.886, "other-styles-blind test half": 0.951,
-             "refusal-gptfuzz": 0.845, "refusal-purseclab-jailbreak-eval": 0.843}
+PUBLISHED = {"chatgpt-refusals held-out": 0.829, "other-styles": 0.886, "refusal-gptfuzz": 0.845,
+             "refusal-purseclab-jailbreak-eval": 0.843, "other-styles-blind test half": 0.951,
+             "other-styles-blind2": 0.964}
 MARGIN = 0.02
 
 
@@ -210,17 +211,17 @@ needs_data = pytest.mark.skipif(not (SHARED / "refusal-gptfuzz").exists(),
 
 
 @needs_data
-def test_blind_set_is_measured_never_trained_on() -> None:
-    # The blind other-styles set is only scored (benchmarks/detector_accuracy.py): it is not a training
-    # corpus, and none of its answers is in one (beyond stock one-liners such as "I can't help with that.",
+def test_blind_sets_are_measured_never_trained_on() -> None:
+    # The blind sets are only scored (benchmarks/detector_accuracy.py): they are not training corpora,
+    # and none of their answers is in one (beyond stock one-liners such as "I can't help with that.",
     # which any two sets share).
     from benchmarks.corpora import CORPORA, load_blind
 
-    dev, test = load_blind()
-    assert len(dev) + len(test) == 200 and dev and test
+    blind = load_blind()
+    assert (len(blind.dev) + len(blind.test), len(blind.second)) == (200, 250) and blind.dev and blind.test
     assert "other-styles-blind" not in CORPORA
     trained = {r.text for rows in load_all().values() for r in rows}
-    assert not trained & {r.text for r in dev + test if len(r.text) > 80}
+    assert not trained & {r.text for r in blind.dev + blind.test + blind.second if len(r.text) > 80}
 
 
 @needs_data
@@ -268,9 +269,11 @@ def test_jailbreak_corpora_accuracy(detector: RefusalDetector, corpus: str) -> N
 
 
 @needs_data
-def test_blind_test_half_accuracy(detector: RefusalDetector) -> None:
+@pytest.mark.parametrize("name", ["other-styles-blind test half", "other-styles-blind2"])
+def test_blind_sets_accuracy(detector: RefusalDetector, name: str) -> None:
     from benchmarks.corpora import load_blind
 
-    rows = load_blind()[1]
+    blind = load_blind()
+    rows = blind.test if name == "other-styles-blind test half" else blind.second
     acc = sum(is_refusal(detector.label(r.text)) == r.refused for r in rows) / len(rows)
-    assert acc >= PUBLISHED["other-styles-blind test half"] - MARGIN
+    assert acc >= PUBLISHED[name] - MARGIN
