@@ -15,9 +15,10 @@ collector keep a bounded excerpt of a streamed answer (``excerpt``; see guard/pr
 Features (``RefusalDetector.features``), all computed on lower-cased word tokens of the windows:
 
 1. **Phrase groups** (``GROUPS``): hand-written lists of phrasings that mean the same thing across
-   models - apology, first-person inability or unwillingness, a decline of the task, policy talk, an AI
-   or professional disclaimer, moralising, a redirect or offer of other help, a pointer to crisis or
-   professional help, sympathy, an apology for a mistake, a compliant opener ("Sure, here's ...").
+   models - apology, first-person inability or unwillingness, a decline of the task, a hedge ("I can't
+   speculate"), an opinion disclaimer, policy talk, an AI or professional disclaimer, moralising, a
+   redirect, an offer of help, a pointer to crisis lines or professional help, sympathy, an apology for
+   a mistake, a compliant opener ("Sure, here's ...").
    Each group is a feature per region (opening, rest of the head, tail), so the weights say *where*
    a phrase counts, never *which* corpus used it.
 2. **Shape**: list items and code in the windows, the lead-in of the first list (``lead:``: does it
