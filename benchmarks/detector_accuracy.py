@@ -1,6 +1,6 @@
 """Measure the refusal detector on every labelled corpus, side by side with the keyword baselines.
 
-    python3 benchmarks/detector_accuracy.py [--repeats N]
+    python3 benchmarks/detector_accuracy.py [--repeats N] [--before REV]
 
 Columns, for each corpus (benchmarks/corpora.py; label mapping in docs/detector.md), lenient binary,
 refusal = positive, accuracy:
@@ -16,9 +16,10 @@ refusal = positive, accuracy:
 Then a **semantics-consistent** diagnostic for the two corpora whose labels mean something else (the
 official figures above are unchanged): the same accuracy without the rows the label mapping cannot agree
 with under our semantics, found by a test independent of the detector (``label_mismatch``). Then the same
-per source model, and the cost: CPU time per ``label`` call over every answer of every
-corpus (mean, p50, p99) and for a 5 MiB answer, and the characters the SSE collector keeps for a
-streamed 5 MiB answer.
+per source model; a few counts docs/detector.md quotes; with ``--before REV`` the rules-only accuracy
+of the detector at a git revision beside today's; and the cost: CPU time per ``label`` call over every
+answer of every corpus (mean, p50, p99) and for a 5 MiB answer, and the characters the SSE collector
+keeps for a streamed 5 MiB answer.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import time
+import types
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -77,6 +80,37 @@ def label_mismatch(row: Row, refusal_words: Sequence[str]) -> bool:
     return bool(_CJK.search(text[:200])) or (row.refused and not any(w in text for w in refusal_words))
 
 
+def rules_at(rev: str) -> Predict:
+    """The rules-only decision of ``guard/truth/detector.py`` as it was at git revision ``rev`` (a
+    before/after comparison; the rules need no weights, so the old module runs on its own)."""
+    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:guard/truth/detector.py"],
+                            capture_output=True, text=True, check=True).stdout
+    old = types.ModuleType(f"detector_at_{rev}")
+    exec(compile(source, f"{rev}:guard/truth/detector.py", "exec"), old.__dict__)
+    detector = old.RefusalDetector(rules_only=True)
+    return lambda text: old.is_refusal(detector.label(text))
+
+
+def diagnostics(detector: RefusalDetector, chatgpt_dev: Sequence[Row], corpora: dict[str, list[Row]],
+                blind_dev: Sequence[Row]) -> None:
+    """Counts docs/detector.md quotes: the cells the rules find hardest, and how rare a decline followed
+    by a list is in the labelled corpora."""
+    cell = [r for r in chatgpt_dev if (lambda f: (f.get("open:no_opinion") or f.get("open:hedge"))
+                                       and not f.get("x:decline_open"))(detector.features(r.text))]
+    right = sum(is_refusal(detector.label(r.text)) == r.refused for r in cell)
+    print(f"\n{CHATGPT} dev half, answers opening with an opinion disclaimer or a hedge and no decline: "
+          f"{len(cell)}; labelled refused {sum(r.refused for r in cell)}, compliance "
+          f"{sum(not r.refused for r in cell)}; shipped right on {right}")
+
+    def listed_declines(rows: Sequence[Row]) -> int:
+        return sum(1 for r in rows if (lambda f: f.get("x:decline_open") and f.get("shape:listed"))(
+            detector.features(r.text)))
+
+    labelled = [r for rows in corpora.values() for r in rows]
+    print(f"a decline followed by a list: {listed_declines(labelled)} of the corpora's {len(labelled)} answers, "
+          f"{listed_declines(blind_dev)} of the blind dev half's {len(blind_dev)}")
+
+
 def cost(texts: Sequence[str], repeats: int) -> dict[str, float]:
     """CPU milliseconds per ``label`` call (best of ``repeats`` per answer, so a shared machine's
     preemptions do not count), and the 5 MiB answer."""
@@ -115,6 +149,8 @@ def streamed_5mib() -> tuple[int, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats per answer (best of)")
+    parser.add_argument("--before", metavar="REV", help="also print the rules-only accuracy of the detector "
+                        "at this git revision beside today's (e.g. --before 6677d0e)")
     args = parser.parse_args(argv)
 
     corpora = load_all()
@@ -168,6 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         for model, sub in sorted(groups.items()):
             print(f"| {name} | {model} | {len(sub)} | "
                   + " | ".join(f"{accuracy(cols[k], sub):.3f}" for k in names) + " |")
+
+    diagnostics(RefusalDetector(), split_half(corpora[CHATGPT])[0], corpora, blind.dev)
+    if args.before:
+        before, now = rules_at(args.before), detector_predictor(RefusalDetector(rules_only=True))
+        print(f"\nrules only, before ({args.before}) and now:")
+        print("| corpus | n | before | now |\n|---|---:|---:|---:|")
+        for name, rows in sets.items():
+            print(f"| {name} | {len(rows)} | {accuracy(before, rows):.3f} | {accuracy(now, rows):.3f} |")
 
     texts = [r.text for rows in corpora.values() for r in rows]
     c = cost(texts, args.repeats)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -34,6 +33,7 @@ from guard.app import create_app
 from guard.cli import main as guard_main
 from guard.settings import Settings
 from guard.truth.judge import RefusalJudge
+from tests.fault_upstream import datapoint_rows
 from tests.servers import ServerThread
 
 REFUSAL = "I'm sorry, but I can't help with that request."
@@ -103,15 +103,6 @@ def start_guarded(upstream: ServerThread, judge: ServerThread, db: Path, registr
     return ServerThread(create_app(settings, registry=registry)).start()
 
 
-def rows(db: Path) -> list[dict]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM datapoints ORDER BY seq")]
-    finally:
-        con.close()
-
-
 def judged(registry: CollectorRegistry, result: str) -> float:
     return registry.get_sample_value("refusal_guard_judge_total", {"result": result}) or 0.0
 
@@ -159,7 +150,7 @@ def test_every_sampled_datapoint_carries_the_judges_label_and_calibrate_uses_it(
         ask(sdk, "upstream fails judge:full_refusal")
     proxy.stop()                                 # the lifespan waits for audits, then flushes the log
 
-    logged = rows(db)
+    logged = datapoint_rows(db)
     assert len(logged) == 17 and len({r["request_id"] for r in logged}) == 17
     by_prompt = {r["prompt"]: r for r in logged}
     for prompt, (verdict, refusal) in expected.items():
@@ -198,7 +189,7 @@ def test_a_failing_or_slow_judge_still_gets_every_request_logged(upstream, scrip
     for order in orders:
         assert ask(sdk, f"judge:{order}") == REFUSAL
     proxy.stop()
-    logged = {r["prompt"]: r for r in rows(db)}
+    logged = {r["prompt"]: r for r in datapoint_rows(db)}
     assert len(logged) == len(orders)
     assert [logged[f"judge:{o}"]["judge_label"] for o in orders] == [None, None, None, "partial_refusal"]
     assert all(r["refused"] == 1 for r in logged.values())
@@ -216,10 +207,10 @@ def test_audits_pending_at_shutdown_are_awaited_then_cancelled_and_their_request
     assert ask(sdk, "judge:stall=1:partial_compliance") == COMPLIANCE      # answers within the grace
     assert ask(sdk, "judge:stall=60:full_compliance", stream=True) == COMPLIANCE  # never answers in time
     time.sleep(0.6)                              # the log flushes every 0.25 s: a record put now would be there
-    assert "judge:stall=60:full_compliance" not in {r["prompt"] for r in rows(db)}  # held while its audit runs
+    assert "judge:stall=60:full_compliance" not in {r["prompt"] for r in datapoint_rows(db)}  # held while its audit runs
     proxy.stop()
     assert not proxy.thread.is_alive()
-    logged = {r["prompt"]: r for r in rows(db)}
+    logged = {r["prompt"]: r for r in datapoint_rows(db)}
     assert logged["judge:stall=1:partial_compliance"]["judge_label"] == "partial_compliance"
     assert logged["judge:stall=60:full_compliance"]["judge_label"] is None
     assert len(logged) == 2 and (judged(registry, "agree"), judged(registry, "failed")) == (1, 1)

@@ -250,6 +250,7 @@ _OPINION_DISCLAIMER = re.compile(
     r"\bi (?:can't|cannot|can not|am unable to|'m unable to|am not able to|'m not able to|do not|don't) "
     r"(?:provide|give|offer|share|express|have|hold|form)(?: \w+){0,3}? "
     r"(?:opinions?|beliefs?|views?|preferences?|feelings?|emotions?)\b")
+_OPINION_WORDS = ("opinion", "belief", "view", "preference", "feeling", "emotion")
 _CONTROL_TOKENS = re.compile(r"(?:\s*<\|?/?[a-z_]{1,24}\|?>)+")  # "<s>", "<|im_start|>" leaked into the text
 _DIALOGUE = re.compile(r"\n\s*(?:[\[(][^\]\n)]{1,40}[\])]|[A-Z][\w ]{0,20}:)")
 _LIST_ITEM = re.compile(r"(?:^|\n)\s*(?:\d{1,2}[.)]|[-*\u2022]|#{1,4})\s+\S")
@@ -278,21 +279,22 @@ def is_blank(response: str) -> bool:
     return not response[:HEAD_CHARS].strip() and not response[-TAIL_CHARS:].strip()
 
 
-def _phrase_index() -> tuple[dict[str, str], dict[tuple[str, str], tuple[tuple[tuple[str, ...], str], ...]]]:
-    """One-token phrases (token -> group), and longer ones by their first two tokens
-    ((t1, t2) -> ((remaining tokens, group), ...), longest first): one dict lookup per token."""
+def _phrase_index() -> tuple[dict[str, str], dict[tuple[str, str], tuple[tuple[int, ...], dict[tuple[str, ...], str]]]]:
+    """One-token phrases (token -> group), and longer ones by their first two tokens: (t1, t2) -> (the
+    lengths of their remaining tokens, longest first; remaining tokens -> group). A position costs one
+    dict lookup per distinct length, however many phrases share its first two tokens."""
     single: dict[str, str] = {}
-    multi: dict[tuple[str, str], list[tuple[tuple[str, ...], str]]] = {}
+    multi: dict[tuple[str, str], dict[tuple[str, ...], str]] = {}
     for group, phrases in GROUPS.items():
         for phrase in phrases:
             tokens = phrase.split()
             if len(tokens) == 1:
                 single.setdefault(tokens[0], group)
             else:
-                multi.setdefault((tokens[0], tokens[1]), []).append((tuple(tokens[2:]), group))
+                multi.setdefault((tokens[0], tokens[1]), {}).setdefault(tuple(tokens[2:]), group)
     # Longest phrase first: at each position only the longest match counts, so "i can't browse"
     # (a limitation) is not also "i can't" (inability), nor "i'm sorry to hear" an apology.
-    return single, {k: tuple(sorted(v, key=lambda e: -len(e[0]))) for k, v in multi.items()}
+    return single, {k: (tuple(sorted({len(r) for r in v}, reverse=True)), v) for k, v in multi.items()}
 
 
 _SINGLE, _MULTI = _phrase_index()
@@ -303,15 +305,16 @@ def _groups_in(tokens: list[str]) -> set[str]:
     found: set[str] = set()
     single, multi = _SINGLE, _MULTI
     for i, pair in enumerate(zip(tokens, tokens[1:])):
-        candidates = multi.get(pair)
-        if candidates is not None:
-            for rest, group in candidates:
-                if not rest or tuple(tokens[i + 2:i + 2 + len(rest)]) == rest:
-                    found.add(group)
+        entry = multi.get(pair)
+        if entry is not None:
+            lengths, rests = entry
+            group = None
+            for n in lengths:
+                group = rests.get(tuple(tokens[i + 2:i + 2 + n]))
+                if group is not None:
                     break
-            else:
-                candidates = None
-            if candidates is not None:
+            if group is not None:
+                found.add(group)
                 continue
         group = single.get(pair[0])
         if group is not None:
@@ -404,7 +407,7 @@ class RefusalDetector:
             return Label.PARTIAL_REFUSAL
         f = self.features(response)
         length = min(len(response), LENGTH_CAP)
-        refused = _rule_refused(f, length) if self.rules_only else self._probability(f) >= self._threshold
+        refused = bool(f.get("rule:refused")) if self.rules_only else self._probability(f) >= self._threshold
         if refused:
             return Label.FULL_REFUSAL if length < _SHORT else Label.PARTIAL_REFUSAL
         if any(f.get(f"open:{g}") or f.get(f"head:{g}") for g in _REFUSAL_CUES):
@@ -430,7 +433,8 @@ class RefusalDetector:
         leaked = _CONTROL_TOKENS.match(head)
         if leaked:
             head = head[leaked.end():].lstrip()
-        head = _OPINION_DISCLAIMER.sub("i don't have an opinion", head)
+        if any(word in head for word in _OPINION_WORDS):  # the regex only where it can match: the hot path
+            head = _OPINION_DISCLAIMER.sub("i don't have an opinion", head)
         cut = 0
         for _ in range(2):  # the opening: the first two sentences
             m = _SENTENCE_END.search(head, cut)
@@ -458,11 +462,11 @@ class RefusalDetector:
             f["start:comply"] = 1.0
         if (" ".join(open_tokens[:5]) + " ").startswith(_OFFER_WORDS):
             f["start:offer"] = 1.0
-        items = len(_LIST_ITEM.findall(head)) + (len(_LIST_ITEM.findall(tail)) if tail else 0)
-        if items >= 2:
+        head_items = list(_LIST_ITEM.finditer(head))
+        if len(head_items) + (len(_LIST_ITEM.findall(tail)) if tail else 0) >= 2:
             f["shape:listed"] = 1.0
-            first = _LIST_ITEM.search(head)
-            if first is not None:  # the list's lead-in: the sentence that introduces it
+            if head_items:  # the list's lead-in: the sentence that introduces it
+                first = head_items[0]
                 lead = head[max(0, first.start() - 160):first.start()]
                 for g in _groups_in(_TOKEN.findall(lead[lead.rfind(". ") + 1:])):
                     f[f"lead:{g}"] = 1.0
