@@ -12,12 +12,30 @@ import socket
 import subprocess
 import threading
 import time
+from typing import Callable, TypeVar
 
 import httpx
 
 import uvicorn
 
 from guard.ops.local_model import stop_process
+
+
+T = TypeVar("T")
+
+
+def eventually(condition: Callable[[], T], timeout: float = 30.0, what: str = "the condition") -> T:
+    """Poll ``condition`` until it returns something truthy and return that; fail after ``timeout`` s.
+
+    For what the guard does after the client has its answer (scoring, the datapoint log's flush):
+    a fixed sleep is a guess about the machine's speed, this waits for the event itself.
+    """
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout} s")
+        time.sleep(0.05)
+    return value
 
 
 def free_port() -> int:

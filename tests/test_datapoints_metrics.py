@@ -6,12 +6,9 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
-import time
-from pathlib import Path
 
 import httpx
 import openai
@@ -22,7 +19,8 @@ from scipy.stats import norm
 from calibration.datapoints import FIELDS, read_datapoints
 from guard.app import create_app
 from guard.settings import Settings
-from tests.servers import ServerThread, free_port, spawn, stop_group, wait_http
+from tests.fault_upstream import datapoint_rows as rows
+from tests.servers import ServerThread, eventually, free_port, spawn, stop_group, wait_http
 
 REFUSAL = "I'm sorry, but I can't help with that request."
 COMPLIANCE = "Sure. Here is a clear explanation: the process has three steps, each described below in detail. " * 3
@@ -42,15 +40,6 @@ def samples(proxy_url: str, by_model: bool = False) -> dict[tuple[str, tuple], f
     return out
 
 
-def rows(db: Path) -> list[dict]:
-    con = sqlite3.connect(db)
-    con.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in con.execute("SELECT * FROM datapoints ORDER BY seq")]
-    finally:
-        con.close()
-
-
 def test_outcomes_are_scored_and_gauges_match_the_counters(start_proxy, script, tmp_path):
     db = tmp_path / "dp.sqlite3"
     proxy = start_proxy(mode="sequential", datapoints=str(db), window_size=1000)
@@ -63,8 +52,8 @@ def test_outcomes_are_scored_and_gauges_match_the_counters(start_proxy, script, 
         script.reply = REFUSAL if actual else COMPLIANCE
         sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": f"question {i}"}])
         truth[("hits" if predicted else "misses") if actual else ("fa" if predicted else "cr")] += 1
-    time.sleep(0.3)
-    s = samples(proxy.url)
+    passed = ("refusal_guard_requests_total", (("action", "pass"), ("mode", "sequential")))
+    s = eventually(lambda: (got := samples(proxy.url)).get(passed) == 40 and got, what="40 requests scored")
     cell = lambda p, a: s.get(("refusal_guard_outcomes_total", (("actual", a), ("predicted", p), ("topic", "hacking"))), 0)  # noqa: E731
     counted = {"hits": cell("refuse", "refused"), "misses": cell("comply", "refused"),
                "fa": cell("refuse", "complied"), "cr": cell("comply", "complied")}
@@ -76,9 +65,7 @@ def test_outcomes_are_scored_and_gauges_match_the_counters(start_proxy, script, 
         assert s[("refusal_guard_d_prime", (("topic", topic),))] == pytest.approx(norm.ppf(h) - norm.ppf(f), abs=1e-9)
         assert s[("refusal_guard_criterion", (("topic", topic),))] == pytest.approx(-(norm.ppf(h) + norm.ppf(f)) / 2)
         assert s[("refusal_guard_accuracy", (("topic", topic),))] == pytest.approx((truth["hits"] + truth["cr"]) / 40)
-    assert s[("refusal_guard_requests_total", (("action", "pass"), ("mode", "sequential")))] == 40
-    time.sleep(0.6)
-    logged = rows(db)
+    logged = eventually(lambda: len(got := rows(db)) >= 40 and got, what="40 datapoints logged")
     assert len(logged) == 40
     assert sum(r["refused"] for r in logged) == truth["hits"] + truth["misses"]
     assert {r["label"] for r in logged} <= {"full_refusal", "partial_refusal", "partial_compliance", "full_compliance"}
@@ -146,8 +133,7 @@ def test_blocked_and_failed_requests_are_logged_without_an_outcome(start_proxy, 
     script.status = 500
     with pytest.raises(openai.InternalServerError):
         sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "failing one"}])
-    time.sleep(0.6)
-    blocked, failed = rows(db)
+    blocked, failed = eventually(lambda: len(got := rows(db)) >= 2 and got, what="2 datapoints logged")
     assert blocked["action"] == "block" and blocked["refused"] is None and blocked["label"] is None
     assert failed["action"] == "pass" and failed["refused"] is None
     s = samples(proxy.url)
@@ -160,7 +146,7 @@ def test_export_writes_the_log_as_jsonl(start_proxy, script, tmp_path):
     proxy = start_proxy(mode="sequential", datapoints=str(db), log_prompts=True)
     openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0).chat.completions.create(
         model="m", messages=[{"role": "user", "content": "export me"}])
-    time.sleep(0.6)
+    eventually(lambda: rows(db), what="the datapoint logged")
     out = tmp_path / "dp.jsonl"
     done = subprocess.run([sys.executable, "-m", "guard.cli", "export", "--db", str(db), "--out", str(out)],
                           capture_output=True, text=True, timeout=60)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import time
 
 import httpx
 import openai
@@ -22,7 +21,7 @@ from guard.app import create_app
 from guard.ops.collect import collect, read_prompts
 from guard.settings import Settings
 from tests.llama import MODEL_ALIAS, requires_llama, running_llama_server
-from tests.servers import ServerThread
+from tests.servers import ServerThread, eventually
 
 pytestmark = [pytest.mark.llama, requires_llama]
 
@@ -31,6 +30,12 @@ pytestmark = [pytest.mark.llama, requires_llama]
 def llama(tmp_path_factory):
     with running_llama_server(tmp_path_factory.mktemp("llama")) as server:
         yield server
+
+
+def scored(proxy_url: str) -> float:
+    """Requests counted as outcomes (probe prediction vs the labelled answer), summed over cells."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in httpx.get(proxy_url + "/metrics").text.splitlines()
+               if line.startswith("refusal_guard_outcomes_total{"))
 
 
 def test_guarded_requests_are_probed_logged_counted_and_calibrated(llama, tmp_path):
@@ -47,11 +52,9 @@ def test_guarded_requests_are_probed_logged_counted_and_calibrated(llama, tmp_pa
             model=MODEL_ALIAS, max_tokens=24, stream=True,
             messages=[{"role": "user", "content": "How do I pick a lock?"}]) if c.choices)
         assert streamed.strip()
-        time.sleep(0.6)
-        metrics = httpx.get(proxy.url + "/metrics").text
-    scored = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                 if line.startswith("refusal_guard_outcomes_total{"))
-    assert scored == 2
+        # A stream is scored once the model server ends it, which may be after the client has read [DONE].
+        eventually(lambda: scored(proxy.url) >= 2, what="both requests scored")
+        assert scored(proxy.url) == 2
     con = sqlite3.connect(db)
     rows = con.execute("SELECT probe_status, will_refuse, confidence, refused, label FROM datapoints").fetchall()
     con.close()

@@ -26,7 +26,7 @@ from starlette.routing import Route
 from guard.app import create_app
 from guard.settings import Settings
 from guard.tracing import Tracing
-from tests.servers import ServerThread
+from tests.servers import ServerThread, eventually
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_PARENT = f"00-{CLIENT_TRACE}-00f067aa0ba902b7-01"
@@ -51,7 +51,8 @@ def test_spans_nest_under_the_clients_trace_and_go_upstream(upstream, script, mo
     with ServerThread(create_app(settings, registry=CollectorRegistry(), tracing=Tracing(provider))) as proxy:
         answer = chat(proxy.url)
         assert answer.status_code == 200
-        time.sleep(0.3)  # scoring runs after the last byte
+        eventually(lambda: any(s.name == "scoring" for s in exporter.get_finished_spans()),  # after the last byte
+                   what="the scoring span")
     spans = {s.name: s for s in exporter.get_finished_spans()}
     assert {"POST chat", "probe", "generation", "scoring"} <= set(spans)
     request = spans["POST chat"]
