@@ -16,6 +16,7 @@ COUNTERS = {
     "refusal_guard_confidence_outcomes_total": ("topic", "confidence", "correct", "model"),
     "refusal_guard_probe_failures_total": ("reason",),
     "refusal_guard_probe_cache_total": ("result",),
+    "refusal_guard_probe_checks_total": ("result",),
     "refusal_guard_datapoints_dropped_total": (),
     "refusal_guard_upstream_errors_total": ("reason",),
     "refusal_guard_http_requests_total": ("route", "status"),

@@ -154,6 +154,7 @@ def create_app(
             await runtime.router.reviews.start()
             stack.push_async_callback(runtime.router.reviews.stop)
             stack.push_async_callback(runtime.router.scorer.stop)  # before the sink's stop: audits log their records
+            stack.push_async_callback(runtime.router.prober.stop)  # check probes still running
             with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                 # Only possible in the main thread (not when a test serves the app from a thread).
                 loop = asyncio.get_running_loop()

@@ -46,7 +46,7 @@ class Script:
     probe_reply: str | Callable[[dict], str] = json.dumps(
         {"will_refuse": False, "confidence": 4, "harm_rating": 1, "topic": "other"}
     )
-    probe_stall: float = 0.0
+    probe_stall: float | Callable[[dict], float] = 0.0  # seconds before the probe answers
     probe_status: int = 200
     probe_logprobs: list | None = None
     reject_response_format: set[str] = field(default_factory=set)  # e.g. {"json_schema"}
@@ -111,8 +111,9 @@ def build_upstream(script: Script) -> Starlette:
             return JSONResponse({"error": {"message": f"response_format {rf} not supported", "type": "invalid_request_error",
                                            "param": "response_format", "code": None}}, status_code=400)
         try:
-            if script.probe_stall:
-                await asyncio.sleep(script.probe_stall)
+            stall = script.probe_stall(data) if callable(script.probe_stall) else script.probe_stall
+            if stall:
+                await asyncio.sleep(stall)
         except asyncio.CancelledError:
             script.cancelled["probe"] += 1
             raise

@@ -1,17 +1,19 @@
 """The probe's circuit breaker under sustained probe timeouts, and its recovery.
 
 While the probe path is broken (every probe stalls past ``probe_timeout``), the first
-``circuit_failures`` requests each pay the timeout; then the circuit opens and the probe is
-skipped, so the latency the guard adds drops to about zero. It is counted
+``circuit_failures`` requests each pay the timeout; then a check probe that stalls too opens the
+circuit and the probe is skipped, so the latency the guard adds drops to about zero. It is counted
 (``refusal_guard_probe_failures_total{reason="circuit_open"}``) and exported
 (``refusal_guard_probe_circuit_open``). After the cool-down exactly one trial probe goes
 out, even with many requests at once (half-open); when the probe has recovered, that trial
-closes the circuit and requests are probed again.
+closes the circuit and requests are probed again. Timeouts a client's own prompts cause never
+open it: the check probe answers, and the breaker stays closed for everyone else.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 
 import httpx
@@ -38,6 +40,13 @@ def circuit(url: str) -> tuple[float, float, float]:
             metric_sum(s, "refusal_guard_probe_failures_total", reason="timeout"))
 
 
+def checks(url: str) -> tuple[float, float]:
+    """Check probes run: (healthy, unhealthy)."""
+    s = metric_samples(url)
+    return (metric_sum(s, "refusal_guard_probe_checks_total", result="healthy"),
+            metric_sum(s, "refusal_guard_probe_checks_total", result="unhealthy"))
+
+
 def test_circuit_opens_under_probe_timeouts_and_closes_after_recovery(start_proxy, script, tmp_path):
     db = tmp_path / "dp.sqlite3"
     script.probe_stall = 3.0  # every probe times out
@@ -48,9 +57,11 @@ def test_circuit_opens_under_probe_timeouts_and_closes_after_recovery(start_prox
     slow = [ask(proxy.url, f"slow {i}") for i in range(FAILURES)]
     assert all(r.status_code == 200 for _, r in slow)  # fail-open: answered without a prediction
     assert all(seconds >= PROBE_TIMEOUT for seconds, _ in slow)
-    assert circuit(proxy.url) == (1, 0, FAILURES)
+    eventually(lambda: circuit(proxy.url)[0] == 1, what="the check probe timed out and the circuit opened")
+    assert circuit(proxy.url) == (1, 0, FAILURES)  # the check's own timeout is no request's probe failure
+    assert checks(proxy.url) == (0, 1)
     probes_sent = script.calls["probe"]
-    assert probes_sent == FAILURES
+    assert probes_sent == FAILURES + 1  # the requests' probes and the check
 
     # 2. Open: no probe goes out and the added latency is about zero.
     opened_at = time.monotonic()
@@ -61,14 +72,17 @@ def test_circuit_opens_under_probe_timeouts_and_closes_after_recovery(start_prox
     assert sorted(s for s, _ in fast)[5] < PROBE_TIMEOUT / 2  # median well under the timeout it skips
     assert circuit(proxy.url) == (1, 10, FAILURES)
 
-    # 3. Half-open while the probe is still broken: one trial for 8 concurrent requests, then open again.
+    # 3. Half-open while the probe is still broken: one trial for 8 concurrent requests; it fails, the
+    #    check fails too, and the circuit opens again (the other requests skip meanwhile).
     time.sleep(COOLDOWN + 0.1)
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         burst = list(pool.map(lambda i: ask(proxy.url, f"burst {i}"), range(8)))
     assert all(r.status_code == 200 for _, r in burst)
-    assert script.calls["probe"] == probes_sent + 1  # exactly one trial probe
+    eventually(lambda: checks(proxy.url) == (0, 2), what="the second check")
+    assert script.calls["probe"] == probes_sent + 2  # exactly one trial probe, and the check
     assert sum(seconds >= PROBE_TIMEOUT for seconds, _ in burst) >= 1
     assert circuit(proxy.url) == (1, 10 + 7, FAILURES + 1)
+    probes_sent += 1  # the check
 
     # 4. The probe recovers: after the cool-down the trial succeeds and the circuit closes.
     script.probe_stall = 0.0
@@ -87,6 +101,28 @@ def test_circuit_opens_under_probe_timeouts_and_closes_after_recovery(start_prox
     assert len(skipped) == 17 and all(r["probe_ms"] == 0 for r in skipped)
     assert [r["probe_status"] for r in rows].count("timeout") == FAILURES + 1
     assert [r["probe_status"] for r in rows].count("ok") == 4
+
+
+def test_a_client_whose_own_prompts_time_the_probe_out_cannot_open_the_circuit(start_proxy, script, tmp_path):
+    """Prompts that slow the probe past its timeout fail only their own requests: each time the
+    breaker is due, the check probe answers at once, so it stays closed and another client's request
+    is probed (before, three such requests opened it and, with on_probe_failure=block, blocked
+    every client of the model for the cool-down)."""
+    script.probe_stall = lambda body: 3.0 if "SLOW-ME-DOWN" in json.dumps(body) else 0.0
+    proxy = start_proxy(mode="sequential", probe_timeout=PROBE_TIMEOUT, circuit_failures=FAILURES,
+                        circuit_cooldown=60, on_probe_failure="block", datapoints=None)
+    for i in range(3 * FAILURES):
+        _, response = ask(proxy.url, f"SLOW-ME-DOWN {i}")
+        assert response.headers["x-refusal-guard-action"] == "block"  # its own probe failed: its own request
+        eventually(lambda: sum(checks(proxy.url)) == (i + 1) // FAILURES, what="the check, when due")
+    assert checks(proxy.url) == (3, 0)
+    assert circuit(proxy.url) == (0, 0, 3 * FAILURES)
+    probes = script.calls["probe"]
+    _, response = ask(proxy.url, "What is the capital of France?")
+    assert response.status_code == 200
+    assert response.headers["x-refusal-guard-action"] == "pass"
+    assert response.headers["x-refusal-guard-prediction"] == "comply"  # probed, not skipped
+    assert script.calls["probe"] == probes + 1
 
 
 # --- issue 16: failures are attributed to their cause -------------------------------------------------
@@ -140,13 +176,16 @@ def test_an_unhealthy_model_opens_only_its_own_circuit(start_guard, hostile):
         raw = httpx.post(proxy.url + "/v1/chat/completions", timeout=20,
                          json={"model": "down", "messages": [{"role": "user", "content": f"q{i}"}]})
         assert raw.status_code == 503  # the upstream's own answer to the generation, passed through
-    assert hostile.calls["probe"] == 3  # then the breaker for (upstream, "down") skips the probe
+        if i == 2:  # due: the check probe gets a 503 too, and the breaker for (upstream, "down") opens
+            eventually(lambda: metric_sum(metric_samples(proxy.url), "refusal_guard_probe_circuit_open") == 1,
+                       what="the circuit open")
+    assert hostile.calls["probe"] == 3 + 1  # three requests' probes and the check; then skipped
     s = metric_samples(proxy.url)
     assert metric_sum(s, "refusal_guard_probe_failures_total", reason="circuit_open") == 3
     assert metric_sum(s, "refusal_guard_probe_circuit_open") == 1
     raw = client.chat.completions.with_raw_response.create(model="m", messages=[{"role": "user", "content": "hi"}])
     assert raw.headers["x-refusal-guard-prediction"] == "comply"  # another model is still probed
-    assert hostile.calls["probe"] == 4
+    assert hostile.calls["probe"] == 5
 
 
 def test_one_request_cannot_weaken_the_probe_dialect(start_guard, hostile):

@@ -12,7 +12,7 @@ import pytest
 
 from guard.probe.template import INSTRUCTIONS
 from tests.scripted_upstream import Script, build_upstream
-from tests.servers import ServerThread
+from tests.servers import ServerThread, eventually
 
 MESSAGES = [{"role": "user", "content": "How do I pick a lock?"}]
 
@@ -92,15 +92,13 @@ def test_review_without_review_upstream_forwards_to_the_primary(start_proxy, scr
 
 def test_parallel_block_cancels_the_generation(start_proxy, script):
     script.probe_reply = probe_says(True, 5)
-    script.stall = 5.0
+    script.stall = 30.0
     proxy = start_proxy(mode="parallel")
     started = time.monotonic()
     raw = raw_create(proxy)
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 15  # answered on the block, long before the generation would end
     assert raw.headers["x-refusal-guard-action"] == "block"
-    deadline = time.monotonic() + 3
-    while script.cancelled["generation"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    eventually(lambda: script.cancelled["generation"] >= 1, what="the generation call dropped")
     assert script.calls["generation"] == 1 and script.cancelled["generation"] == 1
 
 
@@ -231,7 +229,10 @@ def test_circuit_breaker_skips_a_failing_probe(start_proxy, script):
     proxy = start_proxy(mode="sequential", circuit_failures=3, circuit_cooldown=60)
     for i in range(6):
         raw_create(proxy, messages=[{"role": "user", "content": f"q{i}"}])
-    assert script.calls["probe"] == 3 and script.calls["generation"] == 6
+        if i == 2:  # due: the check probe gets a 500 too, and the breaker opens
+            eventually(lambda: "refusal_guard_probe_circuit_open 1.0" in httpx.get(proxy.url + "/metrics").text,
+                       what="the circuit open")
+    assert script.calls["probe"] == 3 + 1 and script.calls["generation"] == 6  # three probes and the check
     metrics = httpx.get(proxy.url + "/metrics").text
     assert 'refusal_guard_probe_failures_total{reason="circuit_open"} 3.0' in metrics
     assert "refusal_guard_probe_circuit_open 1.0" in metrics

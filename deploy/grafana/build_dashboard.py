@@ -195,7 +195,9 @@ def dashboard() -> dict:
     L.panel("timeseries", "Upstream latency", quantiles("refusal_guard_upstream_seconds"), w=8, unit="s")
     L.panel("timeseries", "Probe failures", [
         (f"sum by (reason) (rate(refusal_guard_probe_failures_total{{{J}}}[$__rate_interval]))", "{{reason}}"),
-    ], w=8, unit="ops")
+        (f"sum by (result) (rate(refusal_guard_probe_checks_total{{{J}}}[$__rate_interval]))", "breaker check {{result}}"),
+    ], w=8, unit="ops", description="A breaker check that finds the upstream healthy means requests' own "
+                                      "content timed the probe out; the circuit stayed closed.")
     L.panel("timeseries", "Probe failure ratio and open circuits", [
         (f"refusal_guard:probe_failure_ratio:5m{{{J}}}", "failure ratio 5m"),
         (f"max by (instance) (refusal_guard_probe_circuit_open{{{J}}})", "circuit open {{instance}}"),

@@ -61,6 +61,10 @@ class GuardMetrics:
         self.probe_failures = Counter(
             "refusal_guard_probe_failures", "Probe calls that gave no usable prediction.", ["reason"], registry=r
         )
+        self.probe_checks = Counter(
+            "refusal_guard_probe_checks", "Check probes a breaker ran before opening: healthy (the failures were "
+            "the requests' own, the breaker stays closed) or unhealthy (it opens).", ["result"], registry=r,
+        )
         self.probe_cache = Counter(
             "refusal_guard_probe_cache", "Probe cache lookups: hit, miss, shared (joined an in-flight probe).",
             ["result"], registry=r,
@@ -152,6 +156,8 @@ class GuardMetrics:
             self.upstream_errors.labels(reason)
         for result in ("hit", "miss", "shared"):
             self.probe_cache.labels(result)
+        for result in ("healthy", "unhealthy"):
+            self.probe_checks.labels(result)
 
     def initialise_model(self, model: str) -> None:
         """Create the request and outcome series of one ``model`` label value at zero (after :meth:`initialise`)."""

@@ -5,10 +5,14 @@
   identical requests in flight share one probe call instead of racing.
 * Failures are attributed to their cause. Only upstream-health failures (could not connect,
   timed out, broken exchange, 5xx) feed a circuit breaker, and there is one breaker per
-  upstream and probe model: after ``circuit_failures`` of them in a row that model's probe is
-  skipped for ``circuit_cooldown`` seconds (then one trial probe; its success closes it). A
-  failure one request caused (a 4xx for its model, key or content, an answer that does not
-  parse, content the probe cannot read) affects that request alone.
+  upstream and probe model. After ``circuit_failures`` of them in a row a fixed, benign check
+  probe decides, in the background: if it fails for upstream health too, that model's probe is
+  skipped for ``circuit_cooldown`` seconds (then one trial probe; its success closes it, its
+  failure runs the check again); if it succeeds, the failures were the requests' own (a prompt
+  that slows the probe past its timeout) and the breaker stays closed. So no client's content
+  can switch the probe off for the others. A failure one request caused that the upstream
+  reports as such (a 4xx for its model, key or content, an answer that does not parse, content
+  the probe cannot read) affects that request alone and never feeds the breaker.
 * ``auto`` structured output tries ``json_schema`` (OpenAI, vLLM), then ``json_object`` with a
   schema (llama-cpp-python's server), then plain text. It steps down for one upstream and
   model only on a capability error: an error that names the structured-output parameter *and*
@@ -77,6 +81,7 @@ class _Breaker:
     failures: int = 0  # health failures in a row
     open_until: float | None = None  # set while open or half-open
     trial_in_flight: bool = False
+    checking: bool = False  # a check probe is deciding whether to open
 
 
 @dataclass(slots=True)
@@ -128,6 +133,7 @@ class Prober:
         self._circuit_cooldown = circuit_cooldown
         self._breakers: LRUCache[tuple[str, str], _Breaker] = LRUCache(MAX_TRACKED_MODELS)
         self._dialects: LRUCache[tuple[str, str], _DialectState] = LRUCache(MAX_TRACKED_MODELS)
+        self._checks: set[asyncio.Task[None]] = set()
 
     # --- what is probed ---------------------------------------------------------------------
     def view(self, messages: Sequence[Any], tools: Sequence[Any] | None = None) -> ProbeView:
@@ -205,9 +211,9 @@ class Prober:
             async with asyncio.timeout(self.timeout):
                 prediction = await self._ask(model, view, probe_headers)
         except TimeoutError:
-            return self._failed(key, _ProbeFailed("timeout"), started)
+            return self._failed(key, _ProbeFailed("timeout"), started, model, probe_headers)
         except _ProbeFailed as failed:
-            return self._failed(key, failed, started)
+            return self._failed(key, failed, started, model, probe_headers)
         seconds = time.perf_counter() - started
         self.metrics.probe_seconds.observe(seconds)
         if (breaker := self._breakers.get(key)) is not None:
@@ -277,7 +283,8 @@ class Prober:
             return _DialectState()
         return state
 
-    def _failed(self, key: tuple[str, str], failed: _ProbeFailed, started: float) -> ProbeResult:
+    def _failed(self, key: tuple[str, str], failed: _ProbeFailed, started: float, model: str | None,
+                headers: Mapping[str, str]) -> ProbeResult:
         seconds = time.perf_counter() - started
         self.metrics.probe_seconds.observe(seconds)
         self.metrics.probe_failures.labels(failed.reason).inc()
@@ -286,18 +293,48 @@ class Prober:
             if breaker is None:
                 breaker = self._breakers[key] = _Breaker()
             breaker.failures += 1
-            if breaker.failures >= self._circuit_failures or breaker.open_until is not None:
-                breaker.open_until = self.clock() + self._circuit_cooldown
-                breaker.failures = 0
-                self._export_open_count()
+            due = breaker.failures >= self._circuit_failures or breaker.open_until is not None
+            if due and not breaker.checking:
+                breaker.checking = True
+                task = asyncio.get_running_loop().create_task(self._check_health(breaker, model, headers))
+                self._checks.add(task)
+                task.add_done_callback(self._checks.discard)
         return ProbeResult(failed.status, None, seconds, failed.reason)
+
+    async def _check_health(self, breaker: _Breaker, model: str | None, headers: Mapping[str, str]) -> None:
+        """Open ``breaker`` if the fixed check probe fails for upstream health too, else close it.
+
+        The check asks what every healthy upstream answers at once (``CHECK_VIEW``), with the same
+        model, dialect and headers as the request whose failure made the breaker due, under the
+        probe's own timeout. Only its status matters: no answer in time, a transport failure or a
+        5xx is unhealthy; anything else means the upstream serves, so the failures were the requests'.
+        """
+        healthy = False
+        try:
+            async with asyncio.timeout(self.timeout):
+                answer = await self._send(model, CHECK_VIEW, self.dialect_for(model), headers)
+            healthy = answer.status < 500
+        except (TimeoutError, _ProbeFailed):
+            pass
+        finally:
+            breaker.checking = False
+        self.metrics.probe_checks.labels("healthy" if healthy else "unhealthy").inc()
+        breaker.failures = 0
+        breaker.open_until = None if healthy else self.clock() + self._circuit_cooldown
+        self._export_open_count()
+
+    async def stop(self) -> None:
+        """Cancel check probes still running (at shutdown)."""
+        for task in list(self._checks):
+            task.cancel()
+        await asyncio.gather(*self._checks, return_exceptions=True)
 
     def _is_open(self, breaker: _Breaker) -> bool:
         """Open until the cool-down ends; then half-open: one trial probe at a time, the others
-        still skip, and one health failure re-opens it at once (a success closes it)."""
+        still skip; a success closes it, a health failure runs the check (skipping meanwhile)."""
         if breaker.open_until is None:
             return False
-        return self.clock() < breaker.open_until or breaker.trial_in_flight
+        return self.clock() < breaker.open_until or breaker.trial_in_flight or breaker.checking
 
     def open_circuits(self) -> int:
         """How many (upstream, model) breakers are open or half-open."""
