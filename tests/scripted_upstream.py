@@ -29,6 +29,7 @@ class Received:
     body: bytes
     headers: dict[str, str]
     path: str = "/v1/chat/completions"
+    query: str = ""
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -79,7 +80,7 @@ def build_upstream(script: Script) -> Starlette:
         kind = "probe" if request.headers.get("x-refusal-guard-probe") == "1" else "generation"
         with script.lock:
             script.calls[kind] += 1
-            script.received.append(Received(kind, body, dict(request.headers)))
+            script.received.append(Received(kind, body, dict(request.headers), query=request.url.query))
         data = json.loads(body)
         model = data.get("model") or "scripted"
         if kind == "probe":

@@ -224,6 +224,19 @@ def test_conversation_context_shows_the_whole_chat_as_data(start_proxy, script):
     assert shown == [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_the_probe_goes_where_the_generation_goes_query_string_included(start_proxy, script, mode):
+    """An upstream that needs a query parameter on every call (Azure OpenAI's ``api-version``) gets it
+    on the probe too; without it the probe failed there and every request went unguarded."""
+    script.probe_reply = probe_says(False, 5)
+    client = openai.OpenAI(base_url=start_proxy(mode=mode).url + "/v1", api_key="sk-test", max_retries=0,
+                           default_query={"api-version": "2024-10-21"})
+    raw = client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+    assert raw.headers["x-refusal-guard-prediction"] == "comply"
+    assert sorted((r.kind, r.query) for r in script.received) == [("generation", "api-version=2024-10-21"),
+                                                                  ("probe", "api-version=2024-10-21")]
+
+
 def test_circuit_breaker_skips_a_failing_probe(start_proxy, script):
     script.probe_status = 500
     proxy = start_proxy(mode="sequential", circuit_failures=3, circuit_cooldown=60)

@@ -250,13 +250,14 @@ class _RetryingUpstream(Upstream):
         self.stats = stats
 
     async def request(self, method: str, path: str, *, headers: Any, content: bytes | None = None,
-                      timeout: float | None = None) -> UpstreamResponse:
+                      timeout: float | None = None, query: bytes = b"") -> UpstreamResponse:
         per_attempt = min(timeout or self.attempt_timeout, self.attempt_timeout)
         attempt = 0
         while True:
             attempt += 1
             try:
-                answer = await super().request(method, path, headers=headers, content=content, timeout=per_attempt)
+                answer = await super().request(method, path, headers=headers, content=content, timeout=per_attempt,
+                                               query=query)
             except UpstreamFailure as failure:
                 if failure.reason == "timeout" or attempt >= self.policy.max_attempts:
                     self.stats.last_error = f"{failure.reason}: {failure.message}"

@@ -76,6 +76,18 @@ class _ProbeFailed(Exception):
         self.reason = reason or status  # the metric's reason; a health failure if in _HEALTH
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where a probe goes: the model it asks, the request's forwarded headers and query string (the
+    generation's, so e.g. Azure's ``api-version`` reaches the probe too), and the key of that
+    model's breaker and dialect state."""
+
+    model: str | None
+    headers: Mapping[str, str]
+    query: bytes
+    key: tuple[str, str]
+
+
 @dataclass(slots=True)
 class _Breaker:
     failures: int = 0  # health failures in a row
@@ -146,32 +158,35 @@ class Prober:
         """The model the probe asks: ``probe_model`` if configured, else the request's."""
         return self.model or requested
 
-    def dialect_for(self, model: str | None) -> Dialect:
-        """The structured-output dialect the next probe for ``model`` will use."""
-        return self._ladder[self._dialect_state(self._key(model)).rung]
+    def dialect_for(self, model: str | None, query: bytes = b"") -> Dialect:
+        """The structured-output dialect the next probe for ``model`` (and ``query``) will use."""
+        return self._ladder[self._dialect_state(self._key(model, query)).rung]
 
-    def cache_key(self, model: str | None, view: ProbeView) -> str:
-        material = json.dumps([model, view.text, TEMPLATE_HASH, self.topics], ensure_ascii=False)
+    def cache_key(self, model: str | None, view: ProbeView, query: bytes = b"") -> str:
+        material = json.dumps([model, view.text, TEMPLATE_HASH, self.topics, query.decode("latin-1")],
+                              ensure_ascii=False)
         return hashlib.sha256(material.encode()).hexdigest()
 
     # --- probing ----------------------------------------------------------------------------
-    async def predict(self, chat: GuardedRequest, headers: Mapping[str, str]) -> ProbeResult:
-        return await self.predict_view(self.view(chat.messages, chat.tools), chat.model, headers)
+    async def predict(self, chat: GuardedRequest, headers: Mapping[str, str], query: bytes = b"") -> ProbeResult:
+        return await self.predict_view(self.view(chat.messages, chat.tools), chat.model, headers, query)
 
     async def predict_view(self, view: ProbeView, requested_model: str | None,
-                           headers: Mapping[str, str]) -> ProbeResult:
-        """Probe ``view`` (from :meth:`view`) for a request that asked for ``requested_model``."""
+                           headers: Mapping[str, str], query: bytes = b"") -> ProbeResult:
+        """Probe ``view`` (from :meth:`view`) for a request that asked for ``requested_model``
+        with ``headers`` and the query string ``query`` (both as forwarded to its generation)."""
         started = time.perf_counter()
         model = self.probe_model(requested_model)
         if view.n_unknown_parts and self.unknown_parts == "fail":
             self.metrics.probe_failures.labels("unsupported_content").inc()
             return ProbeResult("error", None, 0.0, "unsupported_content")
-        key = self._key(model)
-        breaker = self._breakers.get(key)
+        target = _Target(model, {**headers, PROBE_HEADER: "1", "content-type": "application/json"}, query,
+                         self._key(model, query))
+        breaker = self._breakers.get(target.key)
         if breaker is not None and self._is_open(breaker):
             self.metrics.probe_failures.labels("circuit_open").inc()
             return ProbeResult("skipped", None, 0.0, "circuit_open")
-        cache_key = self.cache_key(model, view)
+        cache_key = self.cache_key(model, view, query)
         if self._cache is not None and (cached := self._cache.get(cache_key)) is not None:
             self.metrics.probe_cache.labels("hit").inc()
             return ProbeResult("cached", cached, time.perf_counter() - started)
@@ -188,7 +203,7 @@ class Prober:
         future: asyncio.Future[ProbeResult] = asyncio.get_running_loop().create_future()
         self._in_flight[cache_key] = future
         try:
-            result = await self._probe(model, view, headers, started)
+            result = await self._probe(target, view, started)
         except BaseException:
             future.set_result(ProbeResult("error", None, time.perf_counter() - started, "error"))
             raise
@@ -203,38 +218,34 @@ class Prober:
             self._cache[cache_key] = result.prediction
         return result
 
-    async def _probe(self, model: str | None, view: ProbeView, headers: Mapping[str, str],
-                     started: float) -> ProbeResult:
-        probe_headers = {**headers, PROBE_HEADER: "1", "content-type": "application/json"}
-        key = self._key(model)
+    async def _probe(self, target: _Target, view: ProbeView, started: float) -> ProbeResult:
         try:
             async with asyncio.timeout(self.timeout):
-                prediction = await self._ask(model, view, probe_headers)
+                prediction = await self._ask(target, view)
         except TimeoutError:
-            return self._failed(key, _ProbeFailed("timeout"), started, model, probe_headers)
+            return self._failed(target, _ProbeFailed("timeout"), started)
         except _ProbeFailed as failed:
-            return self._failed(key, failed, started, model, probe_headers)
+            return self._failed(target, failed, started)
         seconds = time.perf_counter() - started
         self.metrics.probe_seconds.observe(seconds)
-        if (breaker := self._breakers.get(key)) is not None:
+        if (breaker := self._breakers.get(target.key)) is not None:
             was_open = breaker.open_until is not None
             breaker.failures, breaker.open_until = 0, None
             if was_open:
                 self._export_open_count()
         return ProbeResult("ok", prediction, seconds)
 
-    async def _ask(self, model: str | None, view: ProbeView, headers: Mapping[str, str]) -> Prediction:
-        key = self._key(model)
-        state = self._dialect_state(key)
+    async def _ask(self, target: _Target, view: ProbeView) -> Prediction:
+        state = self._dialect_state(target.key)
         while True:
             rung = state.rung
-            answer = await self._send(model, view, self._ladder[rung], headers)
+            answer = await self._send(target, view, self._ladder[rung])
             if answer.status != 200 and rung + 1 < len(self._ladder) and _names_structured_output(answer.body):
                 if state.rung != rung:
                     continue  # another probe already stepped this model down meanwhile
-                if await self._check_rejects(model, self._ladder[rung], headers):
+                if await self._check_rejects(target, self._ladder[rung]):
                     state.rung, state.retry_at = rung + 1, self.clock() + self.dialect_retry
-                    self._dialects[key] = state
+                    self._dialects[target.key] = state
                     continue
             if answer.status >= 500:
                 raise _ProbeFailed("error")  # the upstream is unwell: feeds the breaker
@@ -253,25 +264,28 @@ class Prober:
                                         prediction.topic, p_refuse)
             return prediction
 
-    async def _send(self, model: str | None, view: ProbeView, dialect: Dialect,
-                    headers: Mapping[str, str]) -> UpstreamResponse:
-        body = build_probe_body(view, model=model, topics=self.topics, dialect=dialect,
+    async def _send(self, target: _Target, view: ProbeView, dialect: Dialect) -> UpstreamResponse:
+        body = build_probe_body(view, model=target.model, topics=self.topics, dialect=dialect,
                                 max_tokens=self.max_tokens, logprobs=self.logprobs)
         try:
-            return await self.upstream.request("POST", "/chat/completions", headers=headers,
-                                               content=json.dumps(body).encode(), timeout=self.timeout)
+            return await self.upstream.request("POST", "/chat/completions", headers=target.headers,
+                                               content=json.dumps(body).encode(), timeout=self.timeout,
+                                               query=target.query)
         except UpstreamFailure as failure:
             raise _ProbeFailed("timeout" if failure.reason == "timeout" else "error") from None
 
-    async def _check_rejects(self, model: str | None, dialect: Dialect, headers: Mapping[str, str]) -> bool:
+    async def _check_rejects(self, target: _Target, dialect: Dialect) -> bool:
         """True if the fixed check probe in ``dialect`` is refused with a capability error too."""
-        answer = await self._send(model, CHECK_VIEW, dialect, headers)
+        answer = await self._send(target, CHECK_VIEW, dialect)
         return answer.status != 200 and _names_structured_output(answer.body)
 
     # --- breakers and dialect state, per upstream and model --------------------------------
-    def _key(self, model: str | None) -> tuple[str, str]:
-        """(upstream, model digest): a client's model string may be megabytes; its key is 32 characters."""
-        return (self.upstream.base_url, hashlib.sha256((model or "").encode("utf-8", "replace")).hexdigest()[:32])
+    def _key(self, model: str | None, query: bytes) -> tuple[str, str]:
+        """(upstream, digest of model and query string): a client's model string may be megabytes, its
+        key is 32 characters. The query is in it because it can select what answers (Azure's
+        ``api-version``): a client's query string never changes the state of another's."""
+        digest = hashlib.sha256((model or "").encode("utf-8", "replace") + b"\0" + query).hexdigest()[:32]
+        return (self.upstream.base_url, digest)
 
     def _dialect_state(self, key: tuple[str, str]) -> _DialectState:
         """The model's dialect state; only a model that stepped down is kept (a fresh state otherwise)."""
@@ -283,36 +297,35 @@ class Prober:
             return _DialectState()
         return state
 
-    def _failed(self, key: tuple[str, str], failed: _ProbeFailed, started: float, model: str | None,
-                headers: Mapping[str, str]) -> ProbeResult:
+    def _failed(self, target: _Target, failed: _ProbeFailed, started: float) -> ProbeResult:
         seconds = time.perf_counter() - started
         self.metrics.probe_seconds.observe(seconds)
         self.metrics.probe_failures.labels(failed.reason).inc()
         if failed.reason in _HEALTH:
-            breaker = self._breakers.get(key)
+            breaker = self._breakers.get(target.key)
             if breaker is None:
-                breaker = self._breakers[key] = _Breaker()
+                breaker = self._breakers[target.key] = _Breaker()
             breaker.failures += 1
             due = breaker.failures >= self._circuit_failures or breaker.open_until is not None
             if due and not breaker.checking:
                 breaker.checking = True
-                task = asyncio.get_running_loop().create_task(self._check_health(breaker, model, headers))
+                task = asyncio.get_running_loop().create_task(self._check_health(breaker, target))
                 self._checks.add(task)
                 task.add_done_callback(self._checks.discard)
         return ProbeResult(failed.status, None, seconds, failed.reason)
 
-    async def _check_health(self, breaker: _Breaker, model: str | None, headers: Mapping[str, str]) -> None:
+    async def _check_health(self, breaker: _Breaker, target: _Target) -> None:
         """Open ``breaker`` if the fixed check probe fails for upstream health too, else close it.
 
         The check asks what every healthy upstream answers at once (``CHECK_VIEW``), with the same
-        model, dialect and headers as the request whose failure made the breaker due, under the
+        model, dialect, headers and query as the request whose failure made the breaker due, under the
         probe's own timeout. Only its status matters: no answer in time, a transport failure or a
         5xx is unhealthy; anything else means the upstream serves, so the failures were the requests'.
         """
         healthy = False
         try:
             async with asyncio.timeout(self.timeout):
-                answer = await self._send(model, CHECK_VIEW, self.dialect_for(model), headers)
+                answer = await self._send(target, CHECK_VIEW, self._ladder[self._dialect_state(target.key).rung])
             healthy = answer.status < 500
         except (TimeoutError, _ProbeFailed):
             pass

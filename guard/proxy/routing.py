@@ -72,7 +72,7 @@ class Router:
                 probe = ProbeResult("skipped", None, 0.0)
             else:
                 with self.tracing.span("probe") as span:
-                    probe = await self.prober.predict(request, self.tracing.inject(headers))
+                    probe = await self.prober.predict(request, self.tracing.inject(headers), query)
                     if span is not None:
                         span.set_attribute("refusal_guard.probe_status", probe.status)
             decision = self._decide(probe)
