@@ -324,7 +324,7 @@ def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.Async
                   hasher=PromptHasher(prompt_hash_key(settings))),
         metrics, ModelLabels(settings.metric_models, settings.metric_models_seen, metrics.initialise_model),
         topics=settings.topics, strict=settings.strict_refusal, judge=judge, tracing=tracing,
-        review_upstream=review_upstream is not None,
+        review_upstream=review_upstream is not None, max_pending_audits=settings.judge_max_pending,
     )
     router = Router(settings, upstream, review_upstream, prober, policies,
                     ReviewSink(client, settings.review_webhook, metrics), scorer, tracing or Tracing())

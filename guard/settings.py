@@ -159,6 +159,10 @@ class Settings(BaseSettings):
     judge_timeout: float = Field(default=30.0, gt=0, description=(
         "Longest one judge call may take; past it the audit counts as failed and the datapoint is logged "
         "without judge_label."))
+    judge_max_pending: int = Field(default=32, ge=1, description=(
+        "Audits waiting for the judge at once. A request sampled beyond it is logged at once without "
+        "judge_label (judge result `skipped`), so a slow judge holds neither memory nor more than this many "
+        "of the connections the proxy shares with its upstream (pool_max_connections)."))
 
     # --- process logs ----------------------------------------------------------------------
     log_format: Literal["text", "json"] = Field(default="text", description=(

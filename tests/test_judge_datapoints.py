@@ -34,7 +34,7 @@ from guard.cli import main as guard_main
 from guard.settings import Settings
 from guard.truth.judge import RefusalJudge
 from tests.fault_upstream import datapoint_rows
-from tests.servers import ServerThread
+from tests.servers import ServerThread, eventually
 
 REFUSAL = "I'm sorry, but I can't help with that request."
 COMPLIANCE = "Sure. Here is a clear explanation: the process has three steps, each described below in detail. " * 3
@@ -215,6 +215,26 @@ def test_audits_pending_at_shutdown_are_awaited_then_cancelled_and_their_request
     assert logged["judge:stall=60:full_compliance"]["judge_label"] is None
     assert len(logged) == 2 and (judged(registry, "agree"), judged(registry, "failed")) == (1, 1)
     assert dropped_calls(judge_script) == 1     # the cancelled audit's call was dropped
+
+
+def test_a_slow_judge_holds_at_most_judge_max_pending_audits(upstream, script, judge, judge_script, tmp_path):
+    """Past judge_max_pending waiting audits, a sampled request is logged at once without judge_label
+    and counted as skipped: a stalled judge never holds more records, or more of the connections the
+    proxy shares with its upstream, than that."""
+    db, registry = tmp_path / "dp.sqlite3", CollectorRegistry()
+    script.reply = COMPLIANCE
+    proxy = start_guarded(upstream, judge, db, registry, judge_timeout=120, judge_max_pending=2)
+    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
+    for i in range(5):
+        assert ask(sdk, f"judge:stall=60:full_compliance n{i}", stream=i % 2 == 1) == COMPLIANCE
+    eventually(lambda: judged(registry, "skipped") == 3, what="three audits skipped")
+    logged = eventually(lambda: len(rows := datapoint_rows(db)) >= 3 and rows, what="the skipped ones logged")
+    assert sorted(r["prompt"] for r in logged) == [f"judge:stall=60:full_compliance n{i}" for i in (2, 3, 4)]
+    assert all(r["judge_label"] is None for r in logged)
+    assert sum(judge_script.calls.values()) == 2  # only the two held audits called the judge
+    proxy.stop()
+    assert len(datapoint_rows(db)) == 5  # the held two logged at shutdown (cancelled: no label)
+    assert (judged(registry, "skipped"), judged(registry, "failed")) == (3, 2)
 
 
 async def test_the_judge_timeout_bounds_the_whole_call_not_each_read():

@@ -73,7 +73,7 @@ class GuardMetrics:
             "refusal_guard_datapoints_dropped", "Datapoints dropped because the recorder queue was full.", registry=r
         )
         self.judge = Counter(
-            "refusal_guard_judge", "LLM-judge audits: agree, disagree, failed.", ["result"], registry=r
+            "refusal_guard_judge", "LLM-judge audits: agree, disagree, failed, skipped (sampled while judge_max_pending audits waited).", ["result"], registry=r
         )
         self.review_events = Counter(
             "refusal_guard_review_events", "Review events emitted: delivered, failed, logged.", ["result"], registry=r

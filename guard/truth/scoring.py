@@ -15,7 +15,9 @@ baselines describe the same population (``guard.live.windows``).
 
 With the optional LLM judge, a sampled request's datapoint is held until the judge answers (its
 call is bounded by ``judge_timeout``) and then logged with the verdict as ``judge_label``, which
-``calibrate`` takes as that row's ground truth; unsampled datapoints are logged at once. At shutdown
+``calibrate`` takes as that row's ground truth; unsampled datapoints are logged at once, and so are
+sampled ones while ``max_pending_audits`` audits already wait (counted as ``skipped``: a slow judge
+never holds more than that many records and connections). At shutdown
 :meth:`Scorer.stop` gives pending audits ``audit_grace`` seconds, then cancels them and logs their
 datapoints without a judge label.
 """
@@ -59,6 +61,7 @@ class Scorer:
         tracing: Tracing | None = None,
         review_upstream: bool = False,
         audit_grace: float = 5.0,
+        max_pending_audits: int = 32,
     ) -> None:
         self.detector = detector
         self.live = live
@@ -71,6 +74,7 @@ class Scorer:
         self.tracing = tracing or Tracing()
         self.review_upstream = review_upstream
         self.audit_grace = audit_grace
+        self.max_pending_audits = max_pending_audits
         self._audits: set[asyncio.Task[Label | None]] = set()
         self._stopping = False
 
@@ -111,8 +115,13 @@ class Scorer:
             self.metrics.confidence_outcomes.labels(topic, str(confidence), str(will_refuse == refused).lower(),
                                                     model).inc()
             self.live.observe(topic, will_refuse, refused, confidence, record.get("harm_rating"))
-        if (self.judge is not None and not self._stopping and text is not None and label is not None
-                and self.judge.should_sample(record["request_id"])):
+        sampled = (self.judge is not None and not self._stopping and text is not None and label is not None
+                   and self.judge.should_sample(record["request_id"]))
+        if sampled and len(self._audits) >= self.max_pending_audits:
+            self.metrics.judge.labels("skipped").inc()
+            sampled = False
+        if sampled:
+            assert self.judge is not None
             task = asyncio.get_running_loop().create_task(self.judge.label(record.get("prompt"), text))
             self._audits.add(task)
             task.add_done_callback(functools.partial(self._audited, record, label))
