@@ -12,9 +12,16 @@ from __future__ import annotations
 
 import json
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry
+
+from guard.app import create_app
+from guard.settings import Settings
+from tests.scripted_upstream import Script, build_upstream
+from tests.servers import ServerThread
 
 schemathesis = pytest.importorskip("schemathesis", reason="install schemathesis (the test extra) to fuzz the API")
 
@@ -77,6 +84,15 @@ def test_schemathesis_no_server_errors_and_clear_4xx(api, mode):
         assert seen["/v1/chat/completions"] <= {400, 413}
 
 
+@pytest.fixture(scope="module")
+def shared_proxy():
+    """One proxy (and scripted upstream) for every hypothesis example, stopped with the module."""
+    with ServerThread(build_upstream(Script())) as upstream:
+        config = Settings(upstream=upstream.url + "/v1", mode="sequential", datapoints=None)
+        with ServerThread(create_app(config, registry=CollectorRegistry())) as proxy:
+            yield proxy
+
+
 @settings(max_examples=150, derandomize=True, deadline=None, database=None)
 @given(body=st.one_of(
     st.binary(max_size=512),
@@ -89,46 +105,12 @@ def test_schemathesis_no_server_errors_and_clear_4xx(api, mode):
             st.sampled_from(["type", "text"]), st.text(max_size=10), max_size=2), max_size=2)), max_size=3), max_size=3),
         "stream": st.one_of(st.booleans(), st.none(), st.integers(0, 1))}).map(lambda v: json.dumps(v).encode()),
 ))
-def test_arbitrary_bodies_never_get_a_5xx(body):
+def test_arbitrary_bodies_never_get_a_5xx(shared_proxy, body):
     """Raw bytes and near-miss chat bodies straight at the handler (one shared proxy per run)."""
-    status, payload = _PROXY.post(body)
+    r = httpx.post(shared_proxy.url + "/v1/chat/completions", content=body, timeout=20,
+                   headers={"content-type": "application/json"})
+    status, payload = r.status_code, r.content
     assert status < 500, payload[:300]
     if status >= 400:
         error = json.loads(payload)["error"]
         assert set(error) == {"message", "type", "param", "code"}
-
-
-class _SharedProxy:
-    """A proxy started lazily on first use and reused by every hypothesis example."""
-
-    def __init__(self) -> None:
-        self._started = None
-
-    def post(self, body: bytes) -> tuple[int, bytes]:
-        import httpx
-
-        if self._started is None:
-            self._start()
-        proxy, _ = self._started
-        r = httpx.post(proxy.url + "/v1/chat/completions", content=body, timeout=20,
-                       headers={"content-type": "application/json"})
-        return r.status_code, r.content
-
-    def _start(self) -> None:
-        import atexit
-
-        from prometheus_client import CollectorRegistry
-
-        from guard.app import create_app
-        from guard.settings import Settings
-        from tests.scripted_upstream import Script, build_upstream
-        from tests.servers import ServerThread
-
-        upstream = ServerThread(build_upstream(Script())).start()
-        proxy = ServerThread(create_app(Settings(upstream=upstream.url + "/v1", mode="sequential", datapoints=None),
-                                        registry=CollectorRegistry())).start()
-        self._started = (proxy, upstream)
-        atexit.register(lambda: (proxy.stop(), upstream.stop()))
-
-
-_PROXY = _SharedProxy()
