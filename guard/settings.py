@@ -45,6 +45,15 @@ class Mode(StrEnum):
     SHADOW = "shadow"
     OFF = "off"
 
+    @property
+    def enforcing(self) -> bool:
+        """Whether the policy's action is carried out (sequential, parallel); else every request passes."""
+        return self in (Mode.SEQUENTIAL, Mode.PARALLEL)
+
+    def applied(self, action: str) -> str:
+        """The action carried out for a request the policy routed to ``action``."""
+        return action if self.enforcing else "pass"
+
 
 class OnProbeFailure(StrEnum):
     PASS = "pass"

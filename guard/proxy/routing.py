@@ -54,7 +54,7 @@ class Router:
 
     def effective_mode(self) -> Mode:
         mode = self.settings.mode
-        if mode in (Mode.SEQUENTIAL, Mode.PARALLEL) and not self.policies.current.enforced:
+        if mode.enforcing and not self.policies.current.enforced:
             return Mode.SHADOW
         return mode
 
@@ -76,7 +76,7 @@ class Router:
                     if span is not None:
                         span.set_attribute("refusal_guard.probe_status", probe.status)
             decision = self._decide(probe)
-            applied = decision.action if mode in (Mode.SEQUENTIAL, Mode.PARALLEL) else "pass"
+            applied = mode.applied(decision.action)
             record = self._record(request, request_id, mode, probe, decision)
             guard_headers = _guard_headers(mode, probe, decision)
             if applied == "block":

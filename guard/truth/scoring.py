@@ -39,11 +39,10 @@ from guard.live.windows import Compared, LiveStats, compare_all
 from guard.probe.policy import ActivePolicy
 from guard.live.metrics import GuardMetrics
 from guard.live.model_labels import ModelLabels
+from guard.settings import Mode
 from guard.stores.sink import DatapointSink
 
 UPSTREAM_ERROR_REASONS = frozenset({"connect", "timeout", "protocol", "too_large", "status_4xx", "status_5xx"})
-#: modes in which the policy's action is applied (in shadow and off every request is passed on)
-ENFORCING_MODES = frozenset({"sequential", "parallel"})
 
 
 class Scorer:
@@ -130,13 +129,13 @@ class Scorer:
 
     def answered_by_guarded_model(self, mode: str, action: str) -> bool:
         """Whether a request routed to ``action`` in ``mode`` gets its answer from the guarded model."""
-        applied = action if mode in ENFORCING_MODES else "pass"
+        applied = Mode(mode).applied(action)
         return applied == "pass" or (applied == "review" and not self.review_upstream)
 
     def compared(self, active: ActivePolicy, mode: str) -> Compared:
         """Which probe cells the live stream scores under ``active`` in ``mode`` (for ``LiveStats.set_policy``)."""
         policy = active.policy
-        if policy is None or mode not in ENFORCING_MODES:
+        if policy is None or not Mode(mode).enforcing:
             return compare_all
 
         def compared(topic: str | None, will_refuse: bool, confidence: int, harm_rating: int) -> bool:
