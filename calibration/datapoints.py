@@ -65,8 +65,10 @@ JUDGE_FIELD = "judge_label"
 #: ``prompt`` is present only when prompt logging is on; the proxy adds the route (chat, completions,
 #: responses), the upstream's own request id, the context the probe could not see (JSON, e.g.
 #: ``{"previous_response_id": ...}``) and, on requests the optional judge audited, its label
-#: (:data:`JUDGE_FIELD`); files written by ``collect`` or before these existed lack them.
-OPTIONAL_FIELDS: tuple[str, ...] = ("prompt", "route", "upstream_request_id", "context", JUDGE_FIELD)
+#: (:data:`JUDGE_FIELD`); files written by ``collect`` or before these existed lack them. ``collect``
+#: adds the prompt file's own topic (``prompt_topic``), for the record only: ``topic`` is always the
+#: probe's predicted topic, the one the proxy looks thresholds and drift baselines up by.
+OPTIONAL_FIELDS: tuple[str, ...] = ("prompt", "route", "upstream_request_id", "context", JUDGE_FIELD, "prompt_topic")
 
 LABELS = frozenset({"full_refusal", "partial_refusal", "partial_compliance", "full_compliance"})
 PROBE_STATUSES = frozenset({"ok", "cached", "timeout", "error", "unparseable", "skipped"})

@@ -149,7 +149,7 @@ async def _read(url: str, since: datetime | None, model: str | None,
             "AND table_schema = current_schema()")]
         if not present:
             raise LookupError("no 'datapoints' table")
-        missing = sorted(set(FIELDS + OPTIONAL_FIELDS) - set(present) - {JUDGE_FIELD})  # a table before judge_label
+        missing = sorted(set(FIELDS) - set(present))  # an optional column the table lacks is null (judge_label below)
         judge = f"d.{JUDGE_FIELD}" if JUDGE_FIELD in present else "NULL::text"
         if missing:
             raise LookupError(f"table 'datapoints' lacks column(s) {missing}")

@@ -102,7 +102,7 @@ async def test_every_prompt_and_repeat_gives_one_record_in_the_proxy_schema(upst
                           probe_cache=False, retry=FAST)
     assert stats.planned == 18 and stats.written == 18 and not stats.failed and stats.not_run == 0
     records = lines_of(out)
-    assert len(records) == 18 and all(tuple(r) == FIELDS for r in records)
+    assert len(records) == 18 and all(tuple(r) == FIELDS + ("prompt_topic",) for r in records)
     source = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     by_id = {row["id"]: row for row in source}
     assert sorted({r["id"] for r in records}) == sorted(by_id)
@@ -110,7 +110,9 @@ async def test_every_prompt_and_repeat_gives_one_record_in_the_proxy_schema(upst
     for r in records:
         row = by_id[r["id"]]
         assert r["mode"] == "collect" and r["action"] is None and r["policy_version"] is None and r["p_correct"] is None
-        assert r["topic"] == row["topic"] and r["harm_level"] == row["harm_level"]  # the file's, not the probe's
+        # topic: the probe's, the key the proxy looks thresholds and baselines up by; the file's is kept beside it
+        assert r["topic"] == "drugs" and r["prompt_topic"] == row["topic"] != "drugs"
+        assert r["harm_level"] == row["harm_level"]  # the file's (report cells only; routing uses harm_rating)
         assert (r["will_refuse"], r["confidence"], r["harm_rating"]) == (True, 5, 3)
         assert r["probe_status"] == "ok" and r["label"] == "full_refusal" and r["refused"] is True
         assert r["probe_template"] == TEMPLATE_REF and r["model"] == "m1"
@@ -131,7 +133,7 @@ async def test_every_prompt_and_repeat_gives_one_record_in_the_proxy_schema(upst
     assert table.probe_templates == (TEMPLATE_REF,) and table.models == ("m1",)
 
 
-async def test_probe_cache_reuses_the_prediction_and_topic_falls_back_to_the_probe(upstream, script, tmp_path):
+async def test_probe_cache_reuses_the_prediction_and_its_topic(upstream, script, tmp_path):
     src = tmp_path / "p.jsonl"
     src.write_text('{"prompt": "How do magnets work?"}\n{"prompt": "Tell me a joke."}\n')
     script.probe_reply = json.dumps({"will_refuse": False, "confidence": 4, "harm_rating": 1, "topic": "hacking"})
@@ -142,6 +144,7 @@ async def test_probe_cache_reuses_the_prediction_and_topic_falls_back_to_the_pro
     assert stats.probe_status == {"ok": 2, "cached": 4}
     records = lines_of(out)
     assert {r["topic"] for r in records} == {"hacking"} and {r["harm_level"] for r in records} == {None}
+    assert not any("prompt_topic" in r for r in records)  # the file names no topic
     assert {r["id"] for r in records} == {r["prompt_sha256"] for r in records}  # no id in the file: the proxy's id
     assert {r["label"] for r in records} == {"full_compliance"} and not any(r["refused"] for r in records)
 

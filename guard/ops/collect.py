@@ -543,7 +543,9 @@ async def collect(
                 "request_id": request_id,
                 "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                 "model": model,
-                "topic": item.topic if item.topic is not None else (p.topic if p else None),
+                # The probe's topic, as in the proxy's datapoints: calibrate certifies per-topic thresholds and
+                # drift baselines for the cells the proxy will look them up by (its prediction), never the file's.
+                "topic": p.topic if p else None,
                 "harm_level": item.harm_level,
                 "will_refuse": p.will_refuse if p else None,
                 "confidence": p.confidence if p else None,
@@ -563,6 +565,8 @@ async def collect(
                 "prompt_sha256": item.prompt_sha256,
             }
             assert tuple(record) == FIELDS
+            if item.topic is not None:
+                record["prompt_topic"] = item.topic
             return record, text
 
         async def worker() -> None:
