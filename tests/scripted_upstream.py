@@ -47,7 +47,7 @@ class Script:
     probe_reply: str | Callable[[dict], str] = json.dumps(
         {"will_refuse": False, "confidence": 4, "harm_rating": 1, "topic": "other"}
     )
-    probe_stall: float | Callable[[dict], float] = 0.0  # seconds before the probe answers
+    probe_stall: float | Callable[[dict, dict], float] = 0.0  # seconds before the probe answers, or f(body, headers)
     probe_status: int = 200
     probe_logprobs: list | None = None
     reject_response_format: set[str] = field(default_factory=set)  # e.g. {"json_schema"}
@@ -84,7 +84,7 @@ def build_upstream(script: Script) -> Starlette:
         data = json.loads(body)
         model = data.get("model") or "scripted"
         if kind == "probe":
-            return await _probe(data, model)
+            return await _probe(data, model, dict(request.headers))
         if script.stall and await _stalled_until_gone(request, script.stall):
             script.cancelled[kind] += 1  # the proxy dropped the generation call
             return Response(status_code=499)
@@ -106,13 +106,13 @@ def build_upstream(script: Script) -> Starlette:
             await asyncio.sleep(0.02)
         return False
 
-    async def _probe(data: dict, model: str) -> Response:
+    async def _probe(data: dict, model: str, headers: dict) -> Response:
         rf = (data.get("response_format") or {}).get("type")
         if rf in script.reject_response_format:
             return JSONResponse({"error": {"message": f"response_format {rf} not supported", "type": "invalid_request_error",
                                            "param": "response_format", "code": None}}, status_code=400)
         try:
-            stall = script.probe_stall(data) if callable(script.probe_stall) else script.probe_stall
+            stall = script.probe_stall(data, headers) if callable(script.probe_stall) else script.probe_stall
             if stall:
                 await asyncio.sleep(stall)
         except asyncio.CancelledError:

@@ -108,7 +108,7 @@ def test_a_client_whose_own_prompts_time_the_probe_out_cannot_open_the_circuit(s
     breaker is due, the check probe answers at once, so it stays closed and another client's request
     is probed (before, three such requests opened it and, with on_probe_failure=block, blocked
     every client of the model for the cool-down)."""
-    script.probe_stall = lambda body: 3.0 if "SLOW-ME-DOWN" in json.dumps(body) else 0.0
+    script.probe_stall = lambda body, headers: 3.0 if "SLOW-ME-DOWN" in json.dumps(body) else 0.0
     proxy = start_proxy(mode="sequential", probe_timeout=PROBE_TIMEOUT, circuit_failures=FAILURES,
                         circuit_cooldown=60, on_probe_failure="block", datapoints=None)
     for i in range(3 * FAILURES):
@@ -123,6 +123,29 @@ def test_a_client_whose_own_prompts_time_the_probe_out_cannot_open_the_circuit(s
     assert response.headers["x-refusal-guard-action"] == "pass"
     assert response.headers["x-refusal-guard-prediction"] == "comply"  # probed, not skipped
     assert script.calls["probe"] == probes + 1
+
+
+def test_a_client_whose_own_key_is_slow_opens_only_its_own_circuit(start_proxy, script):
+    """Where clients bring their own upstream keys, the probe's state is per key: a key whose calls all
+    time out (a gateway routing it to a dead backend), check probe included, opens the breaker for
+    that key alone; another client's requests to the same model are still probed."""
+    script.probe_stall = lambda body, headers: 3.0 if headers.get("authorization") == "Bearer sk-slow" else 0.0
+    proxy = start_proxy(mode="sequential", probe_timeout=PROBE_TIMEOUT, circuit_failures=FAILURES,
+                        circuit_cooldown=60, datapoints=None)
+
+    def ask_as(key: str, text: str) -> httpx.Response:
+        return httpx.post(proxy.url + "/v1/chat/completions", timeout=20, headers={"authorization": f"Bearer {key}"},
+                          json={"model": "m", "messages": [{"role": "user", "content": text}]})
+
+    for i in range(FAILURES):
+        assert ask_as("sk-slow", f"q{i}").headers["x-refusal-guard-prediction"] == "unknown"
+    eventually(lambda: checks(proxy.url) == (0, 1), what="the slow key's check")
+    assert circuit(proxy.url)[0] == 1
+    probes = script.calls["probe"]
+    assert ask_as("sk-slow", "again").headers["x-refusal-guard-prediction"] == "unknown"  # skipped: its breaker
+    assert script.calls["probe"] == probes
+    assert ask_as("sk-other", "hello").headers["x-refusal-guard-prediction"] == "comply"  # probed
+    assert script.calls["probe"] == probes + 1 and circuit(proxy.url)[:2] == (1, 1)
 
 
 # --- issue 16: failures are attributed to their cause -------------------------------------------------

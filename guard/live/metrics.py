@@ -141,7 +141,7 @@ class GuardMetrics:
         self.upstream_up = gauge("refusal_guard_upstream_up",
                                  "1 if the upstream answered its last health check (GET /models), else 0.", [])
         self.circuit_open = gauge("refusal_guard_probe_circuit_open",
-                                  "Probe circuit breakers (one per upstream and model) open or half-open.", [])
+                                  "Probe circuit breakers (one per upstream, model, query string and credentials) open or half-open.", [])
 
     def initialise(self, topics: tuple[str, ...], modes: tuple[str, ...]) -> None:
         """Create every bounded label combination at zero (those with a model: :meth:`initialise_model`).

@@ -5,7 +5,7 @@
   identical requests in flight share one probe call instead of racing.
 * Failures are attributed to their cause. Only upstream-health failures (could not connect,
   timed out, broken exchange, 5xx) feed a circuit breaker, and there is one breaker per
-  upstream and probe model. After ``circuit_failures`` of them in a row a fixed, benign check
+  upstream, probe model, query string and credentials (``CREDENTIAL_HEADERS``). After ``circuit_failures`` of them in a row a fixed, benign check
   probe decides, in the background: if it fails for upstream health too, that model's probe is
   skipped for ``circuit_cooldown`` seconds (then one trial probe; its success closes it, its
   failure runs the check again); if it succeeds, the failures were the requests' own (a prompt
@@ -56,6 +56,10 @@ _HEALTH = frozenset({"timeout", "error"})
 CHECK_VIEW = ProbeView(({"role": "user", "content": "What is the capital of France?"},), 0, False)
 #: Breakers and dialect states kept at once (probe models come from clients: bounded, LRU).
 MAX_TRACKED_MODELS = 1024
+#: Request headers that say whose upstream account a call uses (OpenAI, Azure, gateways): part of the
+#: breaker and dialect key, so a client's own key (one its gateway routes to a slow backend, say) can
+#: only ever open its own breaker.
+CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key", "openai-organization", "openai-project")
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +162,9 @@ class Prober:
         """The model the probe asks: ``probe_model`` if configured, else the request's."""
         return self.model or requested
 
-    def dialect_for(self, model: str | None, query: bytes = b"") -> Dialect:
-        """The structured-output dialect the next probe for ``model`` (and ``query``) will use."""
-        return self._ladder[self._dialect_state(self._key(model, query)).rung]
+    def dialect_for(self, model: str | None, query: bytes = b"", headers: Mapping[str, Any] | None = None) -> Dialect:
+        """The structured-output dialect the next probe for ``model`` (``query``, ``headers``) will use."""
+        return self._dialect(self._key(model, query, headers or {}))
 
     def cache_key(self, model: str | None, view: ProbeView, query: bytes = b"") -> str:
         material = json.dumps([model, view.text, TEMPLATE_HASH, self.topics, query.decode("latin-1")],
@@ -181,7 +185,7 @@ class Prober:
             self.metrics.probe_failures.labels("unsupported_content").inc()
             return ProbeResult("error", None, 0.0, "unsupported_content")
         target = _Target(model, {**headers, PROBE_HEADER: "1", "content-type": "application/json"}, query,
-                         self._key(model, query))
+                         self._key(model, query, headers))
         breaker = self._breakers.get(target.key)
         if breaker is not None and self._is_open(breaker):
             self.metrics.probe_failures.labels("circuit_open").inc()
@@ -279,13 +283,20 @@ class Prober:
         answer = await self._send(target, CHECK_VIEW, dialect)
         return answer.status != 200 and _names_structured_output(answer.body)
 
-    # --- breakers and dialect state, per upstream and model --------------------------------
-    def _key(self, model: str | None, query: bytes) -> tuple[str, str]:
-        """(upstream, digest of model and query string): a client's model string may be megabytes, its
-        key is 32 characters. The query is in it because it can select what answers (Azure's
-        ``api-version``): a client's query string never changes the state of another's."""
-        digest = hashlib.sha256((model or "").encode("utf-8", "replace") + b"\0" + query).hexdigest()[:32]
-        return (self.upstream.base_url, digest)
+    # --- breakers and dialect state, per upstream, model, query string and credentials ----
+    def _key(self, model: str | None, query: bytes, headers: Mapping[str, Any]) -> tuple[str, str]:
+        """(upstream, digest of model, query string and credentials): a client's model string may be
+        megabytes, its key is 32 characters. The query string and the credential headers are in it
+        because they select what answers (Azure's ``api-version``, a gateway's per-key routing): one
+        client's query string or key never changes the probe state of another's."""
+        h = hashlib.sha256((model or "").encode("utf-8", "replace") + b"\0" + query)
+        for name in CREDENTIAL_HEADERS:
+            value = headers.get(name)
+            h.update(b"\0" + (value.encode("latin-1", "replace") if isinstance(value, str) else value or b""))
+        return (self.upstream.base_url, h.hexdigest()[:32])
+
+    def _dialect(self, key: tuple[str, str]) -> Dialect:
+        return self._ladder[self._dialect_state(key).rung]
 
     def _dialect_state(self, key: tuple[str, str]) -> _DialectState:
         """The model's dialect state; only a model that stepped down is kept (a fresh state otherwise)."""
@@ -325,7 +336,7 @@ class Prober:
         healthy = False
         try:
             async with asyncio.timeout(self.timeout):
-                answer = await self._send(target, CHECK_VIEW, self._ladder[self._dialect_state(target.key).rung])
+                answer = await self._send(target, CHECK_VIEW, self._dialect(target.key))
             healthy = answer.status < 500
         except (TimeoutError, _ProbeFailed):
             pass
