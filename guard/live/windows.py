@@ -245,4 +245,3 @@ class LiveStats:
     def alarms(self) -> dict[str, bool]:
         """The alarm of every key with detectors (read-only copy)."""
         return dict(self._alarm)
-

@@ -63,6 +63,7 @@ class ContentCollector:
         """The text one streamed choice adds (chat: ``delta.content``)."""
         delta = choice.get("delta")
         return delta.get("content") if isinstance(delta, dict) else None
+
     def _add(self, content: str) -> None:
         self.length += len(content)
         room = LENGTH_CAP - self._head_chars

@@ -114,18 +114,16 @@ class Scorer:
             self.metrics.confidence_outcomes.labels(topic, str(confidence), str(will_refuse == refused).lower(),
                                                     model).inc()
             self.live.observe(topic, will_refuse, refused, confidence, record.get("harm_rating"))
-        sampled = (self.judge is not None and not self._stopping and text is not None and label is not None
-                   and self.judge.should_sample(record["request_id"]))
-        if sampled and len(self._audits) >= self.max_pending_audits:
+        judge = self.judge
+        if (judge is not None and not self._stopping and text is not None and label is not None
+                and judge.should_sample(record["request_id"])):
+            if len(self._audits) < self.max_pending_audits:
+                task = asyncio.get_running_loop().create_task(judge.label(record.get("prompt"), text))
+                self._audits.add(task)
+                task.add_done_callback(functools.partial(self._audited, record, label))
+                return  # logged once the audit is done
             self.metrics.judge.labels("skipped").inc()
-            sampled = False
-        if sampled:
-            assert self.judge is not None
-            task = asyncio.get_running_loop().create_task(self.judge.label(record.get("prompt"), text))
-            self._audits.add(task)
-            task.add_done_callback(functools.partial(self._audited, record, label))
-        else:
-            self.recorder.put(record)
+        self.recorder.put(record)
 
     def answered_by_guarded_model(self, mode: str, action: str) -> bool:
         """Whether a request routed to ``action`` in ``mode`` gets its answer from the guarded model."""
