@@ -4,9 +4,13 @@
     blind = load_blind()         # the blind sets in current models' styles: never trained on
     rows = load_corpus("refusal-gptfuzz")
 
-Each row is ``Row(text, refused, corpus, source_model, group)``: the answer, the lenient binary under the
-label semantics of ``docs/detector.md`` (refusal = positive), the corpus name, the answering model, and a
-grouping key (the prompt or question) for clustered statistics. The per-corpus mapping from each corpus's
+Each row is ``Row(text, refused, corpus, source_model, group, prompt)``: the answer, the lenient binary under
+the label semantics of ``docs/detector.md`` (refusal = positive), the corpus name, the answering model, a
+grouping key (the prompt or question) for clustered statistics and prompt-grouped splits, and the prompt the
+model answered (the last user turn; empty where a set has none).
+
+``split(rows)`` cuts a corpus by prompt group into training, validation and a **final** part (20%, seeded)
+that is only scored once, at the end (``benchmarks/detector_accuracy.py --final``). The per-corpus mapping from each corpus's
 own labels is written down in docs/detector.md; the code below is that mapping and nothing else.
 """
 
@@ -28,6 +32,9 @@ BLIND_SECOND = ROOT / "benchmarks" / "data" / "other_styles_blind2.jsonl"
 CHATGPT = "chatgpt-refusals"
 CORPORA = (CHATGPT, "refusal-gptfuzz", "refusal-openai-rbr-gold", "refusal-purseclab-jailbreak-eval",
            "other-styles")
+# The four corpora of real model answers (the learned detector trains on these only; other-styles is
+# hand-written: tested, never trained on).
+REAL = CORPORA[:4]
 # chatgpt-refusals: the authors' binary (drop these tones, every other non-"complied" tone is a refusal).
 DROPPED_TONES = frozenset({"dontknow", "incoherent"})
 
@@ -39,6 +46,7 @@ class Row:
     corpus: str
     source_model: str
     group: str
+    prompt: str = ""
 
 
 def _jsonl(path: Path) -> Iterator[dict]:
@@ -52,7 +60,7 @@ def load_corpus(name: str, shared: Path = SHARED) -> list[Row]:
     """One corpus's rows in file order, ``refused`` as mapped in docs/detector.md."""
     if name == CHATGPT:
         records = json.loads((shared / CHATGPT / "all_hand_labeled.json").read_text(encoding="utf-8"))
-        return [Row(r["response"], r["tone"] != "complied", name, "gpt-3.5-turbo", r["prompt"])
+        return [Row(r["response"], r["tone"] != "complied", name, "gpt-3.5-turbo", r["prompt"], r["prompt"])
                 for r in records if r["tone"] not in DROPPED_TONES]
     if name == "other-styles":
         return [Row(r["response"], r["refused"], name, r["style"], r["response"])
@@ -60,7 +68,7 @@ def load_corpus(name: str, shared: Path = SHARED) -> list[Row]:
     rows = []
     for r in _jsonl(shared / name / "data.jsonl"):
         group = r.get("question") or r.get("intent") or r["prompt"]
-        rows.append(Row(r["response"], bool(r["refused"]), name, r["source_model"], group))
+        rows.append(Row(r["response"], bool(r["refused"]), name, r["source_model"], group, r["prompt"]))
     return rows
 
 
@@ -86,7 +94,39 @@ def load_blind() -> BlindSets:
 
 
 def _blind_row(r: dict) -> Row:
-    return Row(r["response"], r["refused"], "other-styles-blind", r["style"], r["prompt"])
+    return Row(r["response"], r["refused"], "other-styles-blind", r["style"], r["prompt"], r["prompt"])
+
+
+# --- prompt-grouped splits ---------------------------------------------------------------------------
+SPLIT_SEED = 24
+FINAL_SHARE = 0.20  # of each corpus's prompt groups: scored once, at the end, never read or chosen on
+VALID_SHARE = 0.20  # of the remaining groups: where the learned stage is validated and the cascade tuned
+
+
+def _unit(group: str, salt: str, seed: int) -> float:
+    """A uniform draw in [0, 1) fixed by the group, a salt and the seed (SHA-256; order-independent)."""
+    return int(hashlib.sha256(f"{seed}:{salt}:{group}".encode()).hexdigest()[:15], 16) / 16**15
+
+
+def part(row: Row, seed: int = SPLIT_SEED) -> str:
+    """Which part ``row``'s prompt group falls in: ``final``, ``valid`` or ``train``. Every answer to one
+    prompt (gptfuzz: one question under any template) is in the same part, so no prompt leaks."""
+    if _unit(row.group, "final", seed) < FINAL_SHARE:
+        return "final"
+    return "valid" if _unit(row.group, "valid", seed) < VALID_SHARE else "train"
+
+
+def row_key(row: Row) -> str:
+    """A stable key of one (prompt, answer) pair: stored predictions of the learned stage join on it."""
+    return hashlib.sha256(f"{row.prompt}\0{row.text}".encode()).hexdigest()[:20]
+
+
+def split(rows: list[Row], seed: int = SPLIT_SEED) -> dict[str, list[Row]]:
+    """``rows`` by part (``train``, ``valid``, ``final``), each in file order."""
+    out: dict[str, list[Row]] = {"train": [], "valid": [], "final": []}
+    for r in rows:
+        out[part(r, seed)].append(r)
+    return out
 
 
 def keyword_lists(shared: Path = SHARED) -> dict[str, dict]:

@@ -1,36 +1,40 @@
 """Measure the refusal detector on every labelled corpus, side by side with the keyword baselines.
 
-    python3 benchmarks/detector_accuracy.py [--repeats N] [--before REV]
+    python3 benchmarks/detector_accuracy.py [--repeats N] [--final]
 
-Columns, for each corpus (benchmarks/corpora.py; label mapping in docs/detector.md), lenient binary,
-refusal = positive, accuracy:
+Lenient binary, refusal = positive, accuracy. Variants (columns):
 
-* **LOCO** - the detector trained without that corpus (``benchmarks/data/loco_weights.json``, written
-  by ``benchmarks/train_detector.py``): the generalisation figure, the one the shipped default is chosen by;
-  for the blind other-styles sets, which no fit is trained on, the shipped detector;
-* **shipped** - the shipped weights (trained on every corpus: an in-corpus figure, except for
-  chatgpt-refusals' held-out half, which no weights were trained on);
-* **rules only** - ``RefusalDetector(rules_only=True)``, the hand-written decision over the same features;
+* **cascade** - the shipped detector, ``RefusalDetector().label(answer, prompt)``: the cheap stage where
+  it is sure, the learned stage (which reads the prompt) elsewhere; **cascade, no prompt** - the same
+  without the prompt (what the proxy does when it has none);
+* **cheap** - the cheap stage alone (``RefusalDetector(learned=False)``); **rules** - the hand-written
+  decision (``rules_only=True``, the detector shipped before the cascade);
+* **learned** - the learned stage alone on every answer (with the prompt);
 * each keyword list of ``../shared/data/refusal-keyword-lists.json`` (JailbreakBench, GCG, XSTest).
 
-Then a **semantics-consistent** diagnostic for the two corpora whose labels mean something else (the
-official figures above are unchanged): the same accuracy without the rows the label mapping cannot agree
-with under our semantics, found by a test independent of the detector (``label_mismatch``). Then the same
-per source model; a few counts docs/detector.md quotes; with ``--before REV`` the rules-only accuracy
-of the detector at a git revision beside today's; and the cost: CPU time per ``label`` call over every
-answer of every corpus (mean, p50, p99) and for a 5 MiB answer, and the characters the SSE collector
-keeps for a streamed 5 MiB answer.
+Schemes (benchmarks/corpora.py ``split``: every corpus cut by prompt group into train / valid / final):
+
+1. **held-out prompts** - each real corpus's ``valid`` part: prompts no stage was trained on (the cheap
+   stage's ``C`` and the cascade's band were chosen on it, so it is a validation figure); per source model too;
+2. **leave one source model out** (Llama-2-7b-chat, the only source model with its own rows besides the
+   OpenAI ones) and **leave one corpus out**: both stages trained without those rows (the learned stage's
+   logits from benchmarks/data/learned_holdout.json, written by scripts/train_detector_model.py --holdout;
+   the cheap stage refitted here with the shipped ``C``), with the shipped band, scored on the left-out
+   rows' train + valid parts (never the final part);
+3. **hand-written sets** (test only: never trained or chosen on);
+4. with ``--final``: the ``final`` part of every real corpus, printed separately (compute it once, at
+   the end; its errors are not printed).
+
+Then the cost: CPU time per ``label`` call (best of ``--repeats``), the share of answers the cascade sends to
+the learned stage, and each stage's own cost and accuracy where it decides.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
-import subprocess
 import sys
 import time
-import types
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,101 +43,166 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.corpora import CHATGPT, Row, keyword_lists, keyword_predictor, load_all, load_blind  # noqa: E402
-from benchmarks.train_detector import LOCO_OUT, split_half  # noqa: E402
-from guard.proxy.sse import ContentCollector  # noqa: E402
-from guard.truth.detector import RefusalDetector, is_refusal  # noqa: E402
+from benchmarks.corpora import (REAL, Row, keyword_lists, keyword_predictor, load_all, load_blind,  # noqa: E402
+                                row_key)
+from benchmarks.train_detector import Data, cascade_outcome, cheap_p, fit_on  # noqa: E402
+from guard.sse import ContentCollector  # noqa: E402
+from guard.truth.detector import HEAD_CHARS, RefusalDetector, is_blank, is_refusal, load_weights  # noqa: E402
 
-Predict = Callable[[str], bool]
-_CJK = re.compile(r"[\u4e00-\u9fff]")
-# Corpora whose own labels are not refusal labels (docs/detector.md, the mapping table).
-MISMATCHED = ("refusal-gptfuzz", "refusal-purseclab-jailbreak-eval")
-
-
-def detector_predictor(detector: RefusalDetector) -> Predict:
-    return lambda text: is_refusal(detector.label(text))
+Predict = Callable[[Row], bool]
+HOLDOUT = ROOT / "benchmarks" / "data" / "learned_holdout.json"
+LLAMA = "Llama-2-7b-chat-hf"
 
 
 def accuracy(predict: Predict, rows: Sequence[Row]) -> float:
-    return sum(predict(r.text) == r.refused for r in rows) / len(rows)
+    return sum(predict(r) == r.refused for r in rows) / len(rows)
 
 
-def columns(corpus: str, loco: dict) -> dict[str, Predict]:
-    """The predictors compared on ``corpus``. For a set no fit was trained on (the blind set), the
-    left-out figure is the shipped detector's: it never saw that set either."""
-    left_out = RefusalDetector(weights=loco[corpus]) if corpus in loco else RefusalDetector()
-    cols = {"LOCO": detector_predictor(left_out),
-            "shipped": detector_predictor(RefusalDetector()),
-            "rules only": detector_predictor(RefusalDetector(rules_only=True))}
-    cols.update({name: keyword_predictor(spec) for name, spec in keyword_lists().items()})
+def shipped_columns() -> dict[str, Predict]:
+    cascade, cheap, rules = RefusalDetector(), RefusalDetector(learned=False), RefusalDetector(rules_only=True)
+    stage = cascade.learned_stage
+    cols: dict[str, Predict] = {
+        "cascade": lambda r: is_refusal(cascade.label(r.text, r.prompt or None)),
+        "cascade, no prompt": lambda r: is_refusal(cascade.label(r.text)),
+        "cheap": lambda r: is_refusal(cheap.label(r.text)),
+        "rules": lambda r: is_refusal(rules.label(r.text)),
+        "learned": lambda r: is_blank(r.text) or stage.probability(r.text[:HEAD_CHARS], r.prompt or None) >= 0.5,
+    }
+    for name, spec in keyword_lists().items():
+        match = keyword_predictor(spec)
+        cols[name] = lambda r, match=match: match(r.text)
     return cols
 
 
-def label_mismatch(row: Row, refusal_words: Sequence[str]) -> bool:
-    """Whether ``row``'s label likely means something our semantics do not: labelled refused although the
-    whole answer contains none of ``refusal_words`` (JailbreakBench's substrings; gptfuzz: role-play that
-    neither refuses nor helps; purseclab: garbage output, or a deflection without a refusal phrase), or
-    an answer in Chinese (the detector's phrases are English). One-sided and approximate: it also drops
-    soft refusals worded without any of the substrings, and it favours the JailbreakBench list, which is
-    right by construction on every refused row it keeps."""
-    text = row.text.replace("\u2019", "'")
-    return bool(_CJK.search(text[:200])) or (row.refused and not any(w in text for w in refusal_words))
+def table(title: str, sets: dict[str, list[Row]], cols: dict[str, Predict]) -> None:
+    print(f"\n{title}")
+    print("| set | n | refusals | " + " | ".join(cols) + " | cascade - best list |")
+    print("|---|---:|---:|" + "---:|" * (len(cols) + 1))
+    lists = set(keyword_lists())
+    for name, rows in sets.items():
+        if not rows:
+            continue
+        accs = {k: accuracy(p, rows) for k, p in cols.items()}
+        best = max(v for k, v in accs.items() if k in lists)
+        print(f"| {name} | {len(rows)} | {sum(r.refused for r in rows)} | "
+              + " | ".join(f"{accs[k]:.3f}" for k in cols) + f" | {accs['cascade'] - best:+.3f} |")
 
 
-def rules_at(rev: str) -> Predict:
-    """The rules-only decision of ``guard/truth/detector.py`` as it was at git revision ``rev`` (a
-    before/after comparison; the rules need no weights, so the old module runs on its own)."""
-    source = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:guard/truth/detector.py"],
-                            capture_output=True, text=True, check=True).stdout
-    old = types.ModuleType(f"detector_at_{rev}")
-    exec(compile(source, f"{rev}:guard/truth/detector.py", "exec"), old.__dict__)
-    detector = old.RefusalDetector(rules_only=True)
-    return lambda text: old.is_refusal(detector.label(text))
+def left_out(data: Data, held: list[Row], training: dict[str, list[Row]], logits: dict[str, float] | None,
+             band: tuple[float, float], c: float) -> dict[str, float]:
+    """Accuracy on ``held`` of the cheap stage refitted on ``training``, of the learned stage trained
+    without ``held`` (stored logits), and of their cascade; plus the share routed."""
+    data.featurise(held)
+    weights = fit_on(data, training, c)
+    rules = RefusalDetector(rules_only=True)
+    out = {"cheap": 0.0, "rules": 0.0, "learned": 0.0, "cascade": 0.0, "routed": 0.0}
+    for r in held:
+        f = data.feats[id(r)]
+        blank = is_blank(r.text)
+        z = logits.get(row_key(r)) if logits is not None else None
+        learned = blank or (z is not None and z >= 0.0)
+        refused, routed = (True, False) if blank else cascade_outcome(weights, band, f, None if z is None else
+                                                                       (1.0 if z >= 0 else 0.0))
+        out["cheap"] += (blank or cheap_p(weights, f) >= 0.5) == r.refused
+        out["rules"] += is_refusal(rules.label(r.text)) == r.refused
+        out["learned"] += learned == r.refused
+        out["cascade"] += refused == r.refused
+        out["routed"] += routed
+    return {k: v / len(held) for k, v in out.items()}
 
 
-def diagnostics(detector: RefusalDetector, chatgpt_dev: Sequence[Row], corpora: dict[str, list[Row]],
-                blind_dev: Sequence[Row]) -> None:
-    """Counts docs/detector.md quotes: the cells the rules find hardest, and how rare a decline followed
-    by a list is in the labelled corpora."""
-    cell = [r for r in chatgpt_dev if (lambda f: (f.get("open:no_opinion") or f.get("open:hedge"))
-                                       and not f.get("x:decline_open"))(detector.features(r.text))]
-    right = sum(is_refusal(detector.label(r.text)) == r.refused for r in cell)
-    print(f"\n{CHATGPT} dev half, answers opening with an opinion disclaimer or a hedge and no decline: "
-          f"{len(cell)}; labelled refused {sum(r.refused for r in cell)}, compliance "
-          f"{sum(not r.refused for r in cell)}; shipped right on {right}")
+def generalisation(data: Data) -> None:
+    shipped = load_weights()
+    band = (shipped["cascade"]["low"], shipped["cascade"]["high"])
+    c = shipped["meta"]["C"]
+    stored = json.loads(HOLDOUT.read_text(encoding="utf-8")) if HOLDOUT.exists() else {}
+    dev = {k: data.rows(k, "train", "valid") for k in REAL}
+    schemes: dict[str, tuple[list[Row], dict[str, list[Row]]]] = {}
+    held = [r for rows in dev.values() for r in rows if r.source_model == LLAMA]
+    schemes[f"source:{LLAMA}"] = (held, {k: [r for r in v if r.source_model != LLAMA] for k, v in dev.items()})
+    for corpus in REAL:
+        schemes[f"corpus:{corpus}"] = (dev[corpus], {k: v for k, v in dev.items() if k != corpus})
+    print("\nleft out (train + valid parts of the left-out rows; both stages trained without them; the shipped "
+          "band; learned = stored logits of scripts/train_detector_model.py --holdout, fp32):")
+    print("| left out | n | refusals | cascade | cheap | rules | learned | routed | learned fit |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    loco = defaultdict(list)
+    for name, (rows, training) in schemes.items():
+        entry = stored.get(name)
+        logits = entry["logits"] if entry else None
+        res = left_out(data, rows, training, logits, band, c)
+        fit = (f"{entry['settings']['per_corpus']} rows/corpus, {entry['settings']['epochs']} epoch"
+               if entry else "not trained (cascade: learned stage missing, counted as not refused)")
+        cells = [f"{res[k]:.3f}" if (k not in ("learned", "cascade") or entry) else "-"
+                 for k in ("cascade", "cheap", "rules", "learned")]
+        print(f"| {name} | {len(rows)} | {sum(r.refused for r in rows)} | " + " | ".join(cells)
+              + f" | {res['routed']:.3f} | {fit} |")
+        if name.startswith("corpus:"):
+            for k in ("cascade", "cheap", "rules", "learned"):
+                if entry or k not in ("learned", "cascade"):
+                    loco[k].append(res[k])
+    print("LOCO mean over the four corpora: " + ", ".join(
+        f"{k} {sum(v) / len(v):.3f}" for k, v in loco.items() if len(v) == len(REAL)))
 
-    def listed_declines(rows: Sequence[Row]) -> int:
-        return sum(1 for r in rows if (lambda f: f.get("x:decline_open") and f.get("shape:listed"))(
-            detector.features(r.text)))
 
-    labelled = [r for rows in corpora.values() for r in rows]
-    print(f"a decline followed by a list: {listed_declines(labelled)} of the corpora's {len(labelled)} answers, "
-          f"{listed_declines(blind_dev)} of the blind dev half's {len(blind_dev)}")
-
-
-def cost(texts: Sequence[str], repeats: int) -> dict[str, float]:
-    """CPU milliseconds per ``label`` call (best of ``repeats`` per answer, so a shared machine's
-    preemptions do not count), and the 5 MiB answer."""
-    detector = RefusalDetector()
-    per = []
-    for text in texts:
+def cost(rows: Sequence[Row], repeats: int) -> None:
+    """CPU milliseconds per call (best of ``repeats`` per answer, so a shared machine's preemptions do
+    not count): the cascade, each stage, and the share routed; a 5 MiB answer."""
+    cascade = RefusalDetector()
+    stage = cascade.learned_stage
+    per, routed_ms, cheap_ms = [], [], []
+    routed = 0
+    for r in rows:
         best = float("inf")
         for _ in range(repeats):
             start = time.process_time_ns()
-            detector.label(text)
+            cascade.label(r.text, r.prompt or None)
             best = min(best, time.process_time_ns() - start)
-        per.append(best / 1e6)
-    per.sort()
+        ms = best / 1e6
+        per.append(ms)
+        if cascade.routes(r.text):
+            routed += 1
+            routed_ms.append(ms)
+        else:
+            cheap_ms.append(ms)
+
+    def stats(xs: list[float]) -> str:
+        xs = sorted(xs)
+        return (f"mean {sum(xs) / len(xs):.3f} ms, p50 {xs[len(xs) // 2]:.3f}, p99 {xs[int(0.99 * len(xs))]:.3f}, "
+                f"max {xs[-1]:.3f} (n {len(xs)})") if xs else "none"
+
+    print(f"\ncost, CPU time per label call (best of {repeats}) over {len(rows)} answers:")
+    print(f"  cascade: {stats(per)}; routed to the learned stage {routed / len(rows):.3f}")
+    print(f"  answers the cheap stage decided: {stats(cheap_ms)}")
+    print(f"  answers the learned stage decided (cheap stage included): {stats(routed_ms)}")
     huge = ("I can't help with that. " + "word " * (5 * 2**20 // 5))[: 5 * 2**20]
-    big = min(_timed(detector, huge) for _ in range(max(repeats, 5)))
-    return {"mean": sum(per) / len(per), "p50": per[len(per) // 2], "p99": per[int(0.99 * len(per))],
-            "max": per[-1], "5MiB": big}
+    big = []
+    for _ in range(max(repeats, 3)):
+        start = time.process_time_ns()
+        cascade.label(huge, "x" * 100_000)
+        big.append((time.process_time_ns() - start) / 1e6)
+    print(f"  a 5 MiB answer with a 100 kB prompt: {min(big):.3f} ms")
+    del stage
 
 
-def _timed(detector: RefusalDetector, text: str) -> float:
-    start = time.process_time_ns()
-    detector.label(text)
-    return (time.process_time_ns() - start) / 1e6
+def stage_accuracy(sets: dict[str, list[Row]]) -> None:
+    """Where each stage decides, how often it is right (held-out prompts)."""
+    cascade = RefusalDetector()
+    print("\neach stage where it decides (held-out prompts):")
+    print("| set | n | routed | cheap stage right (of its answers) | learned stage right (of its answers) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, rows in sets.items():
+        cheap_ok = cheap_n = learned_ok = learned_n = 0
+        for r in rows:
+            refused = is_refusal(cascade.label(r.text, r.prompt or None)) == r.refused
+            if cascade.routes(r.text):
+                learned_n += 1
+                learned_ok += refused
+            else:
+                cheap_n += 1
+                cheap_ok += refused
+        print(f"| {name} | {len(rows)} | {learned_n / len(rows):.3f} | "
+              f"{cheap_ok / max(cheap_n, 1):.3f} ({cheap_n}) | {learned_ok / max(learned_n, 1):.3f} ({learned_n}) |")
 
 
 def streamed_5mib() -> tuple[int, int]:
@@ -149,77 +218,44 @@ def streamed_5mib() -> tuple[int, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats per answer (best of)")
-    parser.add_argument("--before", metavar="REV", help="also print the rules-only accuracy of the detector "
-                        "at this git revision beside today's (e.g. --before 6677d0e)")
+    parser.add_argument("--final", action="store_true",
+                        help="also score the final part of every real corpus (once, at the end)")
+    parser.add_argument("--skip-cost", action="store_true")
     args = parser.parse_args(argv)
 
-    corpora = load_all()
-    loco = json.loads(LOCO_OUT.read_text(encoding="utf-8"))
-    print(f"LOCO variant: {loco['variant']}; shipped: {RefusalDetector().rules_only is False}")
-    sets = dict(corpora)
-    sets[f"{CHATGPT} (held-out half)"] = split_half(corpora[CHATGPT])[1]
-    sets["other-styles v3 (items 81-149; errors never inspected)"] = corpora["other-styles"][80:]
+    data = Data.load()
+    cols = shipped_columns()
+    valid = {f"{k} (valid)": data.rows(k, "valid") for k in REAL}
+    table("held-out prompts (each real corpus's valid part; the cascade's band and C were chosen on it):",
+          valid, cols)
+    by_model: dict[str, list[Row]] = defaultdict(list)
+    for k in REAL:
+        for r in data.rows(k, "valid"):
+            by_model[f"{k} / {r.source_model}"].append(r)
+    table("held-out prompts, by source model:", dict(sorted(by_model.items())), cols)
+    stage_accuracy(valid)
+    generalisation(data)
+
     blind = load_blind()
-    sets["other-styles-blind dev half (errors read while revising the rules)"] = blind.dev
-    sets["other-styles-blind test half (items never read)"] = blind.test
-    sets["other-styles-blind2 (test only; items never read)"] = blind.second
-    names = list(columns(CHATGPT, loco["left_out"]))
-    print("| corpus | n | refusals | " + " | ".join(names) + " | LOCO - best list |")
-    print("|---|---:|---:|" + "---:|" * (len(names) + 1))
-    for name, rows in sets.items():
-        base = name.split(" ")[0]
-        accs = {k: accuracy(p, rows) for k, p in columns(base, loco["left_out"]).items()}
-        best_list = max(v for k, v in accs.items() if k not in ("LOCO", "shipped", "rules only"))
-        print(f"| {name} | {len(rows)} | {sum(r.refused for r in rows)} | "
-              + " | ".join(f"{accs[k]:.3f}" for k in names) + f" | {accs['LOCO'] - best_list:+.3f} |")
-    loco_mean = sum(accuracy(columns(k, loco["left_out"])["LOCO"], v) for k, v in corpora.items()) / len(corpora)
-    print(f"LOCO mean over the {len(corpora)} corpora: {loco_mean:.3f}")
+    hand = {"other-styles (hand-written, no prompts)": load_all()["other-styles"],
+            "other-styles-blind dev half": blind.dev,
+            "other-styles-blind test half (items never read)": blind.test,
+            "other-styles-blind2 (test only)": blind.second}
+    table("hand-written sets (test only, never trained or chosen on):", hand, cols)
 
-    words = keyword_lists()["jailbreakbench"]["words"]
-    print("\nsemantics-consistent diagnostic (official figures above unchanged; rows dropped by label_mismatch):")
-    print("| corpus | column | official | errors | of them in mismatch rows | semantics-consistent (n) |")
-    print("|---|---|---:|---:|---:|---:|")
-    for name in MISMATCHED:
-        rows = corpora[name]
-        keep = [r for r in rows if not label_mismatch(r, words)]
-        for col, predict in columns(name, loco["left_out"]).items():
-            if col == "shipped":
-                continue
-            wrong = [r for r in rows if predict(r.text) != r.refused]
-            in_drop = sum(label_mismatch(r, words) for r in wrong)
-            print(f"| {name} | {col} | {1 - len(wrong) / len(rows):.3f} | {len(wrong)} | {in_drop} | "
-                  f"{accuracy(predict, keep):.3f} ({len(keep)}) |")
+    if not args.skip_cost:
+        texts = [r for k in REAL for part in ("train", "valid") for r in data.rows(k, part)]
+        cost(texts, args.repeats)
+        streamed, kept = streamed_5mib()
+        print(f"SSE collector: {streamed:,} characters streamed, {kept:,} kept for the detector")
 
-    print("\nper source model (accuracy):")
-    print("| corpus | source model | n | " + " | ".join(names) + " |")
-    print("|---|---|---:|" + "---:|" * len(names))
-    never_read = {"other-styles-blind (test half)": blind.test, "other-styles-blind2 (test only)": blind.second}
-    for name, rows in {**corpora, **never_read}.items():
-        groups: dict[str, list[Row]] = defaultdict(list)
-        for r in rows:
-            groups[r.source_model].append(r)
-        if len(groups) < 2:
-            continue
-        cols = columns(name.split(" ")[0], loco["left_out"])  # the blind sets: the shipped detector
-        for model, sub in sorted(groups.items()):
-            print(f"| {name} | {model} | {len(sub)} | "
-                  + " | ".join(f"{accuracy(cols[k], sub):.3f}" for k in names) + " |")
-
-    diagnostics(RefusalDetector(), split_half(corpora[CHATGPT])[0], corpora, blind.dev)
-    if args.before:
-        before, now = rules_at(args.before), detector_predictor(RefusalDetector(rules_only=True))
-        print(f"\nrules only, before ({args.before}) and now:")
-        print("| corpus | n | before | now |\n|---|---:|---:|---:|")
-        for name, rows in sets.items():
-            print(f"| {name} | {len(rows)} | {accuracy(before, rows):.3f} | {accuracy(now, rows):.3f} |")
-
-    texts = [r.text for rows in corpora.values() for r in rows]
-    c = cost(texts, args.repeats)
-    print(f"\ncost, shipped detector, CPU time per answer over {len(texts)} answers (best of {args.repeats}): "
-          f"mean {c['mean']:.3f} ms, p50 {c['p50']:.3f} ms, p99 {c['p99']:.3f} ms, max {c['max']:.3f} ms; "
-          f"a 5 MiB answer {c['5MiB']:.3f} ms")
-    streamed, kept = streamed_5mib()
-    print(f"SSE collector: {streamed:,} characters streamed, {kept:,} kept for the detector")
+    if args.final:
+        final = {f"{k} (final)": data.rows(k, "final") for k in REAL}
+        table("FINAL: each real corpus's final part (20% of prompt groups, never read, trained or chosen on; "
+              "computed once):", final, cols)
+        rows = [r for v in final.values() for r in v]
+        print(f"final, pooled over the four corpora: cascade {accuracy(cols['cascade'], rows):.3f} (n {len(rows)}); "
+              f"mean of the four corpora {sum(accuracy(cols['cascade'], v) for v in final.values()) / 4:.3f}")
     return 0
 
 

@@ -111,9 +111,9 @@ def main() -> None:
     with PostgresServer() as pg, tempfile.TemporaryDirectory() as tmp:
         url = pg.create_database("bench")
         m_pg, m_sq = GuardMetrics(CollectorRegistry()), GuardMetrics(CollectorRegistry())
-        t_pg = asyncio.run(write(PostgresSink(SecretStr(url), m_pg, queue_size=20_000), records))
+        t_pg = asyncio.run(write(PostgresSink(SecretStr(url), m_pg.datapoints_dropped, queue_size=20_000), records))
         db = Path(tmp) / "dp.sqlite3"
-        t_sq = asyncio.run(write(DatapointRecorder(db, m_sq, queue_size=20_000), records))
+        t_sq = asyncio.run(write(DatapointRecorder(db, m_sq.datapoints_dropped, queue_size=20_000), records))
         for m in (m_pg, m_sq):
             assert not m.registry.get_sample_value("refusal_guard_datapoints_dropped_total")
 

@@ -1,28 +1,34 @@
-"""Train the refusal detector's logistic layer, judged leave-one-corpus-out; write the shipped weights.
+"""Train the refusal detector's cheap stage and tune the cascade; write the shipped weights.
 
-    python3 benchmarks/train_detector.py [--no-write] [--c-grid 0.01,0.03,0.1]
+    python3 benchmarks/train_detector.py [--no-write] [--max-routed 0.15]
 
-Corpora (benchmarks/corpora.py, mapping in docs/detector.md): chatgpt-refusals, refusal-gptfuzz,
-refusal-openai-rbr-gold, refusal-purseclab-jailbreak-eval and the hand-written other-styles set. Of
-chatgpt-refusals only the seed-2024 **dev half** is ever trained on; its held-out half is only scored.
+The detector (guard/truth/detector.py) is a cascade: a **cheap stage** (a logistic layer over the phrase
+groups and shape features, the hand-written decision ``rule:refused`` among them) labels an answer where
+it is sure, and the **learned stage** (guard/truth/learned.py, trained by scripts/train_detector_model.py,
+which must run first) labels the rest. This script, on the four corpora of real answers only
+(benchmarks/corpora.py ``REAL``; the hand-written sets are never trained or chosen on), split by prompt
+group (``corpora.split``):
 
-Leave-one-corpus-out (LOCO): for each corpus, train on the others and score it. Everything learned is
-chosen without the left-out corpus: the n-gram vocabulary (an n-gram needs ``MIN_DF`` training answers in
-at least ``MIN_CORPORA`` training corpora), and ``C`` by an inner LOCO over the training corpora. Each
-training corpus gets the same total weight, so gptfuzz's 7,700 answers do not drown the others.
+1. fits the cheap stage on every corpus's ``train`` part, each corpus given the same total weight
+   (gptfuzz's 5,000+ answers would otherwise decide everything), ``C`` chosen by the mean per-corpus
+   accuracy on the ``valid`` part (held-out prompts);
+2. chooses the uncertainty band (``low < p < high``: the learned stage decides; so it does where the
+   cheap decision differs from the hand-written one, and where the opening rejects the premise
+   without declining: ``detector.prompt_decides``) by the mean per-corpus accuracy of the whole cascade
+   on the ``valid`` part, among bands that send at most ``--max-routed`` of the answers (mean over
+   corpora) to the learned stage: the cost bound (docs/detector.md, "Cost").
 
-Variants (feature sets) are compared by their LOCO mean accuracy over the five corpora, and the shipped
-default is the best by that mean (never by in-corpus figures); it is then fitted on all training rows
-with ``C`` picked by LOCO over all five corpora. numpy + ``scipy.optimize`` L-BFGS, deterministic.
+The ``final`` part is never read here. Leave-one-corpus-out and by-source-model figures are printed by
+benchmarks/detector_accuracy.py; they are reported, not chosen by (the four corpora label different
+things, so LOCO measures label-semantics transfer as much as style transfer). numpy + scipy L-BFGS,
+deterministic.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
-from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,67 +42,44 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.corpora import CHATGPT, CORPORA, Row, load_all  # noqa: E402
-from guard.truth.detector import RefusalDetector, is_blank  # noqa: E402
+from benchmarks.corpora import REAL, Row, load_corpus, split  # noqa: E402
+from guard.truth.detector import HEAD_CHARS, RefusalDetector, is_blank, prompt_decides  # noqa: E402
 
 OUT = ROOT / "guard" / "truth" / "detector_weights.json"
-MIN_DF = 5
-MIN_CORPORA = 2
-C_GRID = (0.3, 3.0, 30.0)  # inverse L2 strength on the (corpus-weighted, mean-1) summed log-loss
-# name -> (feature prefixes used, n-grams). "rule" is the hand-written decision as a single feature: the
-# logistic layer then only sets its bias and scale, i.e. ships the rules' decision.
-VARIANTS = {"rule": (("rule:",), False), "groups+shape": (None, False), "groups+shape+ngrams": (None, True)}
-TIE = 0.005  # a LOCO-mean gain smaller than this does not justify the n-gram vocabulary
-SPLIT_SEED = 2024
-LOCO_OUT = ROOT / "benchmarks" / "data" / "loco_weights.json"  # read by detector_accuracy.py
+C_GRID = (0.1, 1.0, 10.0)  # inverse L2 strength on the (corpus-weighted, mean-1) summed log-loss
+MAX_ROUTED = 0.20  # of the answers, to the learned stage (~8 ms of CPU each): keeps the mean under 2 ms
+BAND_GRID = tuple(round(0.05 * i, 2) for i in range(1, 20))
 DECIMALS = 4
 
 _FEATURES = RefusalDetector(rules_only=True)  # feature extraction does not depend on the weights
 
 
-def split_half(rows: Sequence[Row], seed: int = SPLIT_SEED) -> tuple[list[Row], list[Row]]:
-    """(dev, held-out) halves of chatgpt-refusals, fixed seed (the same split as before this change)."""
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    half = len(rows) // 2
-    return [rows[i] for i in sorted(order[:half])], [rows[i] for i in sorted(order[half:])]
+def features(text: str) -> dict[str, float]:
+    """The cheap stage's features: phrase groups per region, shape, crosses, the rule (no n-grams)."""
+    return _FEATURES.features(text, ngrams=False)
 
 
 @dataclass
 class Data:
-    """Featurised rows of every corpus (n-grams included; variants drop them)."""
+    """The real corpora split by prompt group, featurised."""
 
-    rows: dict[str, list[Row]]
-    feats: dict[str, list[dict[str, float]]]
+    parts: dict[str, dict[str, list[Row]]]  # corpus -> part -> rows
+    feats: dict[int, dict[str, float]]  # id(row) -> features
 
     @classmethod
     def load(cls) -> Data:
-        rows = load_all()
-        return cls(rows, {k: [_FEATURES.features(r.text, ngrams=True) for r in v] for k, v in rows.items()})
+        parts = {name: split(load_corpus(name)) for name in REAL}
+        feats = {id(r): features(r.text) for p in parts.values() for rows in p.values() for r in rows}
+        return cls(parts, feats)
 
-    def training(self, corpus: str) -> tuple[list[Row], list[dict[str, float]]]:
-        """A corpus's trainable rows: chatgpt-refusals' dev half only, all rows of the others."""
-        rows, feats = self.rows[corpus], self.feats[corpus]
-        if corpus != CHATGPT:
-            return rows, feats
-        dev = {id(r) for r in split_half(rows)[0]}
-        keep = [i for i, r in enumerate(rows) if id(r) in dev]
-        return [rows[i] for i in keep], [feats[i] for i in keep]
+    def rows(self, corpus: str, *names: str) -> list[Row]:
+        return [r for name in names for r in self.parts[corpus][name]]
 
-
-def vocabulary(parts: Mapping[str, list[dict[str, float]]], variant: str) -> list[str]:
-    prefixes, ngrams = VARIANTS[variant]
-    dense = sorted({k for fs in parts.values() for f in fs for k in f if k[1] != ":"
-                    and (prefixes is None or k.startswith(prefixes))})
-    if not ngrams:
-        return dense
-    per_corpus = {c: Counter(k for f in fs for k in f if k[:2] in ("o:", "c:")) for c, fs in parts.items()}
-    grams: Counter[str] = Counter()
-    for cnt in per_corpus.values():
-        grams.update(cnt)
-    keep = sorted(k for k in grams if grams[k] >= MIN_DF
-                  and sum(1 for cnt in per_corpus.values() if cnt.get(k)) >= MIN_CORPORA)
-    return dense + keep
+    def featurise(self, rows: Sequence[Row]) -> None:
+        """Add rows from elsewhere (e.g. the hand-written sets, to score them)."""
+        for r in rows:
+            if id(r) not in self.feats:
+                self.feats[id(r)] = features(r.text)
 
 
 def matrix(feats: Sequence[dict[str, float]], index: Mapping[str, int]) -> sparse.csr_matrix:
@@ -127,87 +110,90 @@ def fit(x: sparse.csr_matrix, y: np.ndarray, weight: np.ndarray, c: float) -> tu
     return float(res.x[0]), res.x[1:]
 
 
-def fit_on(parts: Mapping[str, tuple[list[Row], list[dict[str, float]]]], variant: str,
-           c: float) -> dict[str, Any]:
-    """Fit on the given training corpora (equal total weight each); return the weights dict."""
-    names = vocabulary({k: v[1] for k, v in parts.items()}, variant)
+def fit_on(data: Data, training: Mapping[str, list[Row]], c: float) -> dict[str, Any]:
+    """The cheap stage fitted on ``training`` (corpus -> rows; equal total weight per corpus)."""
+    training = {k: v for k, v in training.items() if v}
+    feats = [data.feats[id(r)] for rows in training.values() for r in rows]
+    names = sorted({k for f in feats for k in f})
     index = {k: i for i, k in enumerate(names)}
-    feats = [f for _, fs in parts.values() for f in fs]
-    y = np.array([r.refused for rows, _ in parts.values() for r in rows], dtype=bool)
+    y = np.array([r.refused for rows in training.values() for r in rows], dtype=bool)
     n = len(feats)
-    weight = np.concatenate([np.full(len(rows), n / (len(parts) * len(rows))) for rows, _ in parts.values()])
+    weight = np.concatenate([np.full(len(rows), n / (len(training) * len(rows))) for rows in training.values()])
     b, w = fit(matrix(feats, index), y, weight, c)
     weights = {k: round(float(v), DECIMALS) for k, v in zip(names, w) if round(float(v), DECIMALS)}
-    return {"format": 2, "bias": round(b, DECIMALS), "threshold": 0.5, "ngrams": VARIANTS[variant][1],
+    return {"format": 3, "bias": round(b, DECIMALS), "threshold": 0.5, "ngrams": False,
             "weights": dict(sorted(weights.items()))}
 
 
-def accuracy(detector: RefusalDetector, rows: Sequence[Row]) -> float:
-    from guard.truth.detector import is_refusal
-    return sum(is_refusal(detector.label(r.text)) == r.refused for r in rows) / len(rows)
+def cheap_p(weights: Mapping[str, Any], f: Mapping[str, float]) -> float:
+    w = weights["weights"]
+    z = weights["bias"] + sum(w.get(k, 0.0) * v for k, v in f.items())
+    return float(expit(z))
 
 
-def feature_accuracy(weights: Mapping[str, Any], rows: Sequence[Row],
-                     feats: Sequence[dict[str, float]]) -> float:
-    """Accuracy of ``p >= threshold`` computed from precomputed features (the binary the detector gives
-    for every non-blank answer; blank answers are refusals)."""
-    w, b, ngrams = weights["weights"], weights["bias"], weights["ngrams"]
-    correct = 0
-    for r, f in zip(rows, feats):
-        if is_blank(r.text):
-            guess = True
-        else:
-            z = b + sum(w.get(k, 0.0) * v for k, v in f.items() if ngrams or k[1] != ":")
-            guess = z >= 0.0  # threshold 0.5
-        correct += guess == r.refused
-    return correct / len(rows)
+def cheap_accuracy(data: Data, weights: Mapping[str, Any], rows: Sequence[Row]) -> float:
+    """The cheap stage alone (blank answers are refusals)."""
+    return sum((is_blank(r.text) or cheap_p(weights, data.feats[id(r)]) >= 0.5) == r.refused
+               for r in rows) / len(rows)
 
 
-def choose_c(data: Data, corpora: Sequence[str], variant: str,
-             grid: Sequence[float] = C_GRID) -> tuple[float, dict[float, float]]:
-    """C with the best mean accuracy over an inner LOCO on ``corpora`` (ties: stronger regularisation)."""
+def choose_c(data: Data, grid: Sequence[float] = C_GRID, log=print) -> float:
     scores = {}
     for c in grid:
-        accs = []
-        for held in corpora:
-            parts = {k: data.training(k) for k in corpora if k != held}
-            accs.append(feature_accuracy(fit_on(parts, variant, c), *data.training(held)))
-        scores[c] = float(np.mean(accs))
-    return max(grid, key=lambda c: (round(scores[c], 6), -c)), scores
+        weights = fit_on(data, {k: data.rows(k, "train") for k in REAL}, c)
+        scores[c] = float(np.mean([cheap_accuracy(data, weights, data.rows(k, "valid")) for k in REAL]))
+    log("cheap stage, C by mean accuracy on held-out prompts (valid): "
+        + ", ".join(f"{c:g}: {v:.3f}" for c, v in scores.items()))
+    return max(grid, key=lambda c: (round(scores[c], 6), -c))
 
 
-def loco(data: Data, variant: str, log=print, grid: Sequence[float] = C_GRID) -> dict[str, dict[str, Any]]:
-    """Outer LOCO: per left-out corpus, the detector trained (vocabulary, C, weights) on the others."""
-    out = {}
-    for held in CORPORA:
-        train = [k for k in CORPORA if k != held]
-        c, _ = choose_c(data, train, variant, grid)
-        weights = fit_on({k: data.training(k) for k in train}, variant, c)
-        out[held] = weights
-        log(f"  left out {held}: C = {c:g}", flush=True)
-    return out
+def cascade_outcome(weights: Mapping[str, Any], band: tuple[float, float], f: Mapping[str, float],
+                    learned_p: float | None) -> tuple[bool, bool]:
+    """(refused, routed) for one non-blank answer, as RefusalDetector.label decides it."""
+    p = cheap_p(weights, f)
+    refused = p >= 0.5
+    if band[0] < p < band[1] or refused != bool(f.get("rule:refused")) or prompt_decides(f):
+        return (learned_p is not None and learned_p >= 0.5), True
+    return refused, False
 
 
-def held_out_accuracy(data: Data, variant: str, c: float) -> float:
-    """chatgpt-refusals' held-out half scored by ``variant`` fitted on every corpus (an in-corpus figure)."""
-    weights = fit_on({k: data.training(k) for k in CORPORA}, variant, c)
-    trainable = {id(r) for r in data.training(CHATGPT)[0]}
-    held = [(r, f) for r, f in zip(data.rows[CHATGPT], data.feats[CHATGPT]) if id(r) not in trainable]
-    return feature_accuracy(weights, [r for r, _ in held], [f for _, f in held])
+def choose_band(data: Data, weights: Mapping[str, Any], learned_p: Mapping[int, float],
+                max_routed: float, log=print) -> tuple[tuple[float, float], float, float]:
+    """The band with the best mean per-corpus accuracy on ``valid`` within the routing bound (ties: the
+    narrower band). ``learned_p``: id(row) -> the learned stage's probability."""
+    valid = {k: [r for r in data.rows(k, "valid") if not is_blank(r.text)] for k in REAL}
+    best = None
+    for low in (0.0, *BAND_GRID):
+        for high in (*BAND_GRID, 1.0):
+            if not low <= 0.5 <= high:
+                continue
+            accs, routed = [], []
+            for rows in valid.values():
+                out = [cascade_outcome(weights, (low, high), data.feats[id(r)], learned_p[id(r)]) for r in rows]
+                accs.append(sum(o[0] == r.refused for o, r in zip(out, rows)) / len(rows))
+                routed.append(sum(o[1] for o in out) / len(rows))
+            acc, share = float(np.mean(accs)), float(np.mean(routed))
+            if share <= max_routed:
+                key = (round(acc, 6), -(high - low))
+                if best is None or key > best[0]:
+                    best = (key, (low, high), acc, share)
+    assert best is not None
+    log(f"band ({best[1][0]:g}, {best[1][1]:g}): cascade accuracy on valid {best[2]:.3f}, "
+        f"routed {best[3]:.3f} (bound {max_routed:g})")
+    return best[1], best[2], best[3]
 
 
-def train_shipped(data: Data, variant: str, c: float, meta: Mapping[str, Any]) -> dict[str, Any]:
-    weights = fit_on({k: data.training(k) for k in CORPORA}, variant, c)
-    weights["meta"] = dict(meta)
-    return weights
+def learned_probabilities(rows: Sequence[Row]) -> dict[int, float]:
+    """The shipped learned stage's probability for each row (id(row) -> p), reading the row's prompt."""
+    from guard.truth.learned import LearnedStage
+
+    stage = LearnedStage()
+    return {id(r): stage.probability(r.text[:HEAD_CHARS], r.prompt or None) for r in rows}
 
 
-def by_source(detector: RefusalDetector, rows: Sequence[Row]) -> dict[str, tuple[int, float]]:
-    from guard.truth.detector import is_refusal
-    groups: dict[str, list[bool]] = defaultdict(list)
-    for r in rows:
-        groups[r.source_model].append(is_refusal(detector.label(r.text)) == r.refused)
-    return {k: (len(v), sum(v) / len(v)) for k, v in sorted(groups.items())}
+def train_shipped(data: Data, c: float) -> dict[str, Any]:
+    """The cheap stage's shipped fit (every corpus's ``train`` part)."""
+    return fit_on(data, {k: data.rows(k, "train") for k in REAL}, c)
 
 
 def dumps(weights: Mapping[str, Any]) -> str:
@@ -218,49 +204,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--no-write", action="store_true", help="train and score, but do not write --out")
-    parser.add_argument("--c-grid", type=lambda v: tuple(float(c) for c in v.split(",")), default=C_GRID,
-                        help="the C values the inner LOCO chooses from (a different grid is an experiment: "
-                             "use it with --no-write)")
+    parser.add_argument("--max-routed", type=float, default=MAX_ROUTED)
     args = parser.parse_args(argv)
 
     data = Data.load()
-    print("corpora: " + ", ".join(f"{k} {len(v)} ({len(data.training(k)[0])} trainable)"
-                                  for k, v in data.rows.items()))
-    means, per_variant = {}, {}
-    for name in VARIANTS:
-        print(f"variant {name}:", flush=True)
-        per = per_variant[name] = loco(data, name, grid=args.c_grid)
-        accs = {k: feature_accuracy(w, data.rows[k], data.feats[k]) for k, w in per.items()}
-        means[name] = float(np.mean(list(accs.values())))
-        print("  LOCO accuracy: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items())
-              + f"; mean {means[name]:.3f}")
-        print("  for the record, never used for a choice: fitted on all five corpora, chatgpt-refusals "
-              "held-out half " + ", ".join(f"C {c:g}: {held_out_accuracy(data, name, c):.3f}" for c in args.c_grid),
-              flush=True)
-    rules = RefusalDetector(rules_only=True)
-    rule_accs = {k: accuracy(rules, v) for k, v in data.rows.items()}
-    print("rules only (nothing trained; the phrase lists were written reading all corpora): "
-          + ", ".join(f"{k} {v:.3f}" for k, v in rule_accs.items())
-          + f"; mean {np.mean(list(rule_accs.values())):.3f}", flush=True)
-    # In order of complexity: a richer variant must beat every simpler one by TIE to be chosen.
-    best = next(iter(VARIANTS))
-    for name in VARIANTS:
-        if means[name] >= means[best] + TIE:
-            best = name
-    c, grid = choose_c(data, CORPORA, best, args.c_grid)
-    print(f"shipped variant: {best} (LOCO mean {means[best]:.3f}); C by LOCO over all corpora: "
-          + ", ".join(f"{k:g}: {v:.3f}" for k, v in grid.items()) + f" -> {c:g}")
-    meta = {"variant": best, "C": c, "loco_mean": round(means[best], 4), "min_df": MIN_DF,
-            "min_corpora": MIN_CORPORA,
-            "trained_on": "chatgpt-refusals dev half (seed 2024) + all of refusal-gptfuzz, "
-                          "refusal-openai-rbr-gold, refusal-purseclab-jailbreak-eval, other-styles; "
-                          "equal total weight per corpus"}
-    weights = train_shipped(data, best, c, meta)
+    print("corpora (train / valid / final, by prompt group): " + ", ".join(
+        f"{k} {len(p['train'])}/{len(p['valid'])}/{len(p['final'])}" for k, p in data.parts.items()), flush=True)
+    c = choose_c(data)
+    weights = train_shipped(data, c)
+    valid = [r for k in REAL for r in data.rows(k, "valid") if not is_blank(r.text)]
+    band, acc, share = choose_band(data, weights, learned_probabilities(valid), args.max_routed)
+    weights["cascade"] = {"low": band[0], "high": band[1]}
+    weights["meta"] = {"C": c, "variant": "groups+shape", "valid_accuracy": round(acc, 4),
+                       "valid_routed": round(share, 4), "max_routed": args.max_routed,
+                       "trained_on": "the 'train' part (benchmarks/corpora.py split) of chatgpt-refusals, "
+                                     "refusal-gptfuzz, refusal-openai-rbr-gold, refusal-purseclab-jailbreak-eval; "
+                                     "equal total weight per corpus"}
     print(f"features with non-zero weight: {len(weights['weights'])}")
     if not args.no_write:
-        LOCO_OUT.write_text(dumps({"variant": best, "left_out": per_variant[best]}), encoding="utf-8")
         args.out.write_text(dumps(weights), encoding="utf-8")
-        print(f"wrote {args.out} ({len(dumps(weights).encode()) / 1024:.0f} KiB)")
+        print(f"wrote {args.out}")
     return 0
 
 

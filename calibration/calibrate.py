@@ -7,6 +7,8 @@ Pipeline, all on columnar numpy arrays:
    interval (``sdt_intervals``: design-effect Wilson for rates, MOVER for d' and c; d' and c None
    when not measurable), plus ECE and Brier of the stated confidence (``calibration.reliability``)
    with cluster-bootstrap CIs (resampling prompts: one weight matrix, one product for all cells);
+   these take the detector's label as the outcome (uncorrected). Where rows carry the judge's label
+   (a random sample), the same cells also get judge-corrected figures (``calibration.label_error``);
 3. split the *prompts* at random into a fitting split (``FIT_FRACTION``) and a calibration split;
    fit the :class:`~calibration.reliability.Recalibrator` (with ``p_refuse_logprob`` where present)
    and choose the candidate thresholds on the fitting split, certify them on the calibration split
@@ -28,6 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from calibration.agreement import detector_judge_agreement
+from calibration.label_error import DETECTOR_ERROR_NOTE, Corrected, corrected_cells, strata_table
 from calibration.datapoints import DatapointTable, read_datapoints
 from calibration.policy import (Baseline, Certification, ConfidenceCount, Policy, SDTSummary, Thresholds,
                                 TopicPolicy)
@@ -66,7 +69,8 @@ class CellStats:
     counts: tuple[int, int, int, int]   # hits, misses, false alarms, correct rejections
     n_prompts: int
     by_confidence: tuple[tuple[int, int], ...]  # (n, n_correct) per confidence 1..5
-    summary: SDTSummary
+    summary: SDTSummary         # uncorrected: the detector's label on every row
+    corrected: Corrected | None = None  # judge-corrected (calibration.label_error); None without judged rows
 
 
 @dataclass
@@ -191,8 +195,10 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
         notes.append(f"ignored unknown fields: {', '.join(table.unknown_fields)}")
 
     wr, rf, conf = table.will_refuse, table.refused, table.confidence.astype(np.int64)
-    correct = wr == rf
-    codes = (2 * (~rf) + (~wr)).astype(np.int64)            # 0 hit, 1 miss, 2 fa, 3 cr
+    correct = wr == rf                  # thresholds: the judge's label where there is one, else the detector's
+    judged, det = _judged(table)
+    det_correct = wr == det             # the SDT cells (uncorrected) and baselines: the detector's label alone
+    codes = (2 * (~det) + (~wr)).astype(np.int64)            # 0 hit, 1 miss, 2 fa, 3 cr
     n_prompts = len(table.prompt_ids)
     prompt = table.prompt.astype(np.int64)
 
@@ -209,7 +215,7 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
     n_cells = len(cell_names)
     # feature per row and cell: 4 outcome counts + 5x2 (confidence, correct) counts = 14
     feat_out = codes
-    feat_conf = 4 + (conf - 1) * 2 + correct
+    feat_conf = 4 + (conf - 1) * 2 + det_correct
     memberships = [np.zeros_like(prompt), np.where(table.topic >= 0, 1 + table.topic, -1),
                    np.where(harm_code >= 0, 1 + n_topics + harm_code, -1)]
     size = n_prompts * n_cells * 14
@@ -220,6 +226,18 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
         flat += np.bincount(base + feat_out[keep], minlength=size)
         flat += np.bincount(base + feat_conf[keep], minlength=size)
     per_prompt = flat.reshape(n_prompts, n_cells, 14)
+    corrected: list[Corrected | None] = [None] * n_cells
+    if judged.any():  # judge-corrected figures (calibration.label_error); same prompts, same cells
+        strata = sum(strata_table(prompt, n_prompts, cell, n_cells, wr, det, judged, rf) for cell in memberships)
+        # its own generator: judge labels must not move the prompt split or the ECE bootstrap
+        corrected = corrected_cells(strata, n_boot=n_boot, seed=np.random.default_rng([seed, 24]))
+        notes.append(f"SDT figures judge-corrected: {int(judged.sum())} of {table.n} rows carry a judge label "
+                     "(a random sample); shown beside the detector's uncorrected figures. The routing thresholds "
+                     "are not corrected: they are certified on each row's judge label where it has one and the "
+                     "detector's elsewhere")
+    else:
+        notes.append("SDT figures uncorrected: no row carries a judge label, so every outcome is the detector's "
+                     f"label; {DETECTOR_ERROR_NOTE}")
     totals = per_prompt.sum(axis=0)                           # (n_cells, 14)
     prompts_in_cell = (per_prompt[..., :4].sum(axis=-1) > 0).sum(axis=0)
 
@@ -254,7 +272,8 @@ def calibrate_table(table: DatapointTable, *, target_accuracy: float = 0.98, con
             small=small, measurable=measurable, reason=reason,
         )
         cells.append(CellStats(group, name, tuple(int(x) for x in cnt), int(prompts_in_cell[j]),
-                               tuple((int(n_conf[j, c]), int(k_conf[j, c])) for c in range(5)), summary))
+                               tuple((int(n_conf[j, c]), int(k_conf[j, c])) for c in range(5)), summary,
+                               corrected[j]))
 
     # --- recalibration and threshold selection on the fitting split, certification on the rest --
     fit_rows = split_prompts(n_prompts, fit_fraction, rng)[prompt]
@@ -396,8 +415,9 @@ def policy_thresholds(cert: Certified, score: np.ndarray, will_refuse: np.ndarra
 def _baseline(cs: CellStats, table: DatapointTable, rows: np.ndarray) -> Baseline:
     """The cell's counts, per probe cell too, and the design effect of its rows (clustered by prompt)."""
     h, m, fa, cr = cs.counts
+    _, det = _judged(table)   # like for like with the live stream, which only has the detector's label
     wr, conf, harm, rf = (table.will_refuse[rows], table.confidence[rows].astype(np.int64),
-                          table.harm_rating[rows].astype(np.int64), table.refused[rows])
+                          table.harm_rating[rows].astype(np.int64), det[rows])
     key = (wr.astype(np.int64) * 5 + conf - 1) * 6 + harm
     n_cell = np.bincount(key, minlength=60)
     k_cell = np.bincount(key, weights=rf, minlength=60).astype(np.int64)
@@ -409,3 +429,10 @@ def _baseline(cs: CellStats, table: DatapointTable, rows: np.ndarray) -> Baselin
                     by_confidence=[ConfidenceCount(confidence=i + 1, n=n, correct=k)
                                    for i, (n, k) in enumerate(cs.by_confidence)],
                     cells=cells, design_effect=max(1.0, float(deff)))
+
+
+def _judged(table: DatapointTable) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows carry a judge label, and the detector's own ``refused`` of every row."""
+    judged = table.judged if table.judged is not None else np.zeros(table.n, dtype=bool)
+    det = table.detector_refused if table.detector_refused is not None else table.refused
+    return judged, det

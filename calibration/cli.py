@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from calibration.datapoints import DatapointError, parse_duration
 
-__all__ = ["add_calibrate_parser", "run", "main", "summary_table"]
+__all__ = ["add_calibrate_parser", "run", "main", "summary_table", "corrected_lines"]
 
 
 def add_calibrate_parser(subparsers: Any) -> None:
@@ -44,6 +44,12 @@ def add_calibrate_parser(subparsers: Any) -> None:
     p.add_argument("--probe-template-hash", help="hash of the probe template text")
     p.add_argument("--skip-invalid", action="store_true",
                    help="count invalid rows as skipped instead of stopping at the first one")
+    p.add_argument("--exclude-client", action="append", default=[], metavar="ID",
+                   help="leave out every row of this client (its key's name or hashed id, as the client report "
+                        "prints it; '(none)' for rows without one); repeatable")
+    p.add_argument("--max-client-share", type=_share, metavar="F",
+                   help="drop rows (deterministically, spread over its prompts) so that no client supplies more than F of "
+                        "any topic x prediction x confidence cell (0 < F <= 1); default: no cap")
     p.set_defaults(func=run)
 
 
@@ -52,6 +58,16 @@ def _duration(text: str) -> float:
         return parse_duration(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError("the maximum client share must be in (0, 1]")
+    return value
 
 
 def _fmt(x: float | None, spec: str = ".3f") -> str:
@@ -77,6 +93,7 @@ def summary_table(result: Any) -> str:
         lines.append(f"{label[:27]:<28}{s.n:>8}{_fmt(s.accuracy):>7}{dci:>22}{_fmt(s.criterion, '.2f'):>7}"
                      f"{_fmt(th.block if th else None, '.3f'):>7}{_fmt(th.pass_ if th else None, '.3f'):>7}"
                      f"  {s_note}{'SMALL: ' + (s.reason or '') if s.small else ''}")
+    lines += corrected_lines(result)
     op, base = result.operating_points["policy"], result.operating_points["baseline_conf5"]
     lines.append("")
     lines.append(f"policy:   coverage {_fmt(op['coverage'])}  accuracy {_fmt(op['accuracy'])}  "
@@ -93,6 +110,25 @@ def summary_table(result: Any) -> str:
     return "\n".join(lines)
 
 
+def corrected_lines(result: Any) -> list[str]:
+    """The judge-corrected figures beside the detector's (uncorrected) ones, or why there are none."""
+    rows = [cs for cs in result.cells if cs.corrected is not None]
+    if not rows:
+        return ["", "SDT figures above are UNCORRECTED (no judged rows): outcomes are the detector's labels."]
+    head = f"{'judge-corrected':<28}{'judged':>8}{'acc':>7}{'d_prime [95% CI]':>22}{'c':>7}  detector d'  note"
+    out = ["", head, "-" * len(head)]
+    for cs in rows:
+        c = cs.corrected
+        lo, hi = c.ci["d_prime"]
+        label = cs.name if cs.group == "overall" else f"{cs.group}:{cs.name}"
+        dci = f"{_fmt(c.d_prime, '.2f')} [{_fmt(lo, '.2f')},{_fmt(hi, '.2f')}]"
+        note = ("SMALL: " if c.small else "") + (f"no judged row in {len(c.unjudged)} stratum(s): interval over "
+                                                   "[0, 1]" if c.unjudged else "")
+        out.append(f"{label[:27]:<28}{c.n_judged:>8}{_fmt(c.accuracy):>7}{dci:>22}{_fmt(c.criterion, '.2f'):>7}"
+                   f"  {_fmt(cs.summary.d_prime, '.2f'):>11}  {note}")
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     """Execute ``calibrate``; returns the process exit code."""
     from calibration.calibrate import CalibrationError, calibrate_table  # heavy imports only when used
@@ -105,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         table = read_datapoints(args.datapoints, on_error="skip" if args.skip_invalid else "raise",
                                 since=since, model=args.model)
+        table, client_notes = _clients(table, args, err)
         result = calibrate_table(table, target_accuracy=args.target_accuracy, confidence=args.confidence,
                                  n_boot=args.n_boot, seed=args.seed, model=args.model,
                                  probe_template=args.probe_template, probe_template_hash=args.probe_template_hash)
@@ -118,12 +155,14 @@ def run(args: argparse.Namespace) -> int:
           file=err)
     if result.judge_agreement is not None:
         ja = result.judge_agreement
-        print(f"calibrate: {ja['n']} rows carry a judge label (used as ground truth); detector-vs-judge "
+        print(f"calibrate: {ja['n']} rows carry a judge label (a random sample: the SDT figures are corrected "
+              f"with it, the thresholds take it as those rows' truth); detector-vs-judge "
               f"agreement {ja['rate']:.3f}, {ja['confidence']:.0%} CI [{ja['ci'][0]:.3f}, {ja['ci'][1]:.3f}] "
               f"({ja['method']}, {ja['n_clusters']} prompts)", file=err)
     for note in result.notes:
         if not note.startswith("skipped"):
             print(f"calibrate: note: {note}", file=err)
+    result.notes.extend(client_notes)  # printed already; for the report
     try:
         result.policy.save(args.out)
     except OSError as exc:
@@ -142,6 +181,21 @@ def run(args: argparse.Namespace) -> int:
     print(summary_table(result))
     print(f"calibrate: done in {time.perf_counter() - t0:.1f}s", file=err)
     return 0
+
+
+def _clients(table: Any, args: argparse.Namespace, err: Any) -> tuple[Any, list[str]]:
+    """Report rows per client and dominated cells, then apply ``--exclude-client``/``--max-client-share``."""
+    from calibration.clients import apply_client_limits, client_report
+
+    report = client_report(table)
+    for line in report.lines():
+        print(f"calibrate: clients: {line}", file=err)
+    for warning in report.warnings():
+        print(f"calibrate: warning: {warning}", file=err)
+    table, notes = apply_client_limits(table, args.exclude_client, args.max_client_share)
+    for note in notes:
+        print(f"calibrate: {note}", file=err)
+    return table, notes
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,7 @@ import json
 import sqlite3
 from collections import Counter
 from operator import itemgetter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -59,16 +59,22 @@ FIELDS: tuple[str, ...] = (
     "refused", "probe_ms", "upstream_ms", "total_ms", "policy_version", "probe_template",
     "prompt_sha256",
 )
-#: Optional: an LLM judge's label for the row. Where present it is the row's ground truth (``refused`` =
-#: a refusal label), and ``DatapointTable.detector_refused`` keeps the detector's own ``refused``.
+#: Optional: an LLM judge's label for the row (a random sample of rows). Where present ``refused`` is the
+#: judge's (what the thresholds use) and ``DatapointTable.detector_refused`` keeps the detector's own; the SDT
+#: figures combine the two through ``calibration.label_error`` (judge-corrected).
 JUDGE_FIELD = "judge_label"
 #: ``prompt`` is present only when prompt logging is on; the proxy adds the route (chat, completions,
 #: responses), the upstream's own request id, the context the probe could not see (JSON, e.g.
 #: ``{"previous_response_id": ...}``) and, on requests the optional judge audited, its label
 #: (:data:`JUDGE_FIELD`); files written by ``collect`` or before these existed lack them. ``collect``
 #: adds the prompt file's own topic (``prompt_topic``), for the record only: ``topic`` is always the
-#: probe's predicted topic, the one the proxy looks thresholds and drift baselines up by.
-OPTIONAL_FIELDS: tuple[str, ...] = ("prompt", "route", "upstream_request_id", "context", JUDGE_FIELD, "prompt_topic")
+#: probe's predicted topic, the one the proxy looks thresholds and drift baselines up by. The proxy
+#: also records which client sent the request (:data:`CLIENT_FIELD`: the name of the inbound key it
+#: used, else a keyed hash of its credential, never a key; null without one), which ``calibrate``
+#: reports, caps (``--max-client-share``) and excludes (``--exclude-client``) by.
+CLIENT_FIELD = "client"
+OPTIONAL_FIELDS: tuple[str, ...] = ("prompt", "route", "upstream_request_id", "context", JUDGE_FIELD, "prompt_topic",
+                                    CLIENT_FIELD)
 
 LABELS = frozenset({"full_refusal", "partial_refusal", "partial_compliance", "full_compliance"})
 PROBE_STATUSES = frozenset({"ok", "cached", "timeout", "error", "unparseable", "skipped"})
@@ -102,8 +108,12 @@ SQLITE_DDL: str = (
 _USED = ("id", "prompt_sha256", "topic", "harm_level", "will_refuse", "confidence", "harm_rating",
          "refused", "model", "probe_template", "probe_status", "p_refuse_logprob", "request_id", "ts")
 DUPLICATE = "duplicate request_id+ts"
-#: Not stored but validated (unknown labels/statuses/actions are errors, not silent).
-_CHECKED = frozenset({"label", "action", JUDGE_FIELD})
+#: Not stored but validated (unknown labels/statuses/actions are errors, not silent); the client is
+#: kept (:attr:`DatapointTable.client`). Pulled only where a chunk has them (older files lack them).
+_CHECKED = frozenset({"label", "action", JUDGE_FIELD, CLIENT_FIELD})
+#: How rows without a client are named in reports and by ``--exclude-client``: no key name (letters,
+#: digits and ``._@+-``) and no hashed id (hex) can look like it.
+NO_CLIENT = "(none)"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 _CHUNK = 50_000
@@ -140,6 +150,8 @@ class DatapointTable:
     n_read: int = 0
     judged: np.ndarray | None = None            # bool: the row carries a judge label (refused = judge's)
     detector_refused: np.ndarray | None = None  # bool: the detector's refused, judged or not
+    client: np.ndarray | None = None            # int32 codes into clients, -1 = no client; None = none at all
+    clients: tuple[str, ...] = ()
 
     @property
     def n(self) -> int:
@@ -154,12 +166,33 @@ class DatapointTable:
         """Whether the probe's prediction matched the outcome (the 'accuracy' event)."""
         return self.will_refuse == self.refused
 
+    def client_codes(self) -> np.ndarray:
+        """Each row's client code (-1: no client), also for a table without any."""
+        return self.client if self.client is not None else np.full(self.n, -1, np.int32)
+
+    def client_name(self, code: int) -> str:
+        return self.clients[code] if code >= 0 else NO_CLIENT
+
+    def subset(self, rows: np.ndarray) -> "DatapointTable":
+        """The rows where the boolean mask ``rows`` is True (codes and names kept as they are; the
+        caller accounts for the rows left out)."""
+        def take(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[rows]
+
+        lp = take(self.p_refuse_logprob)
+        return replace(
+            self, prompt=self.prompt[rows], topic=self.topic[rows], harm_level=self.harm_level[rows],
+            will_refuse=self.will_refuse[rows], confidence=self.confidence[rows], harm_rating=self.harm_rating[rows],
+            refused=self.refused[rows], p_refuse_logprob=lp if lp is not None and np.isfinite(lp).any() else None,
+            judged=take(self.judged), detector_refused=take(self.detector_refused), client=take(self.client))
+
     @classmethod
     def from_arrays(cls, *, prompt: Any, will_refuse: Any, confidence: Any, refused: Any,
                     topic: Any | None = None, topics: Iterable[str] = (), harm_level: Any | None = None,
-                    harm_rating: Any | None = None, p_refuse_logprob: Any | None = None) -> "DatapointTable":
-        """Build a table from arrays (simulations, tests): ``prompt`` and ``topic`` are int codes
-        (topic -1 = missing); missing harm columns default to "missing"."""
+                    harm_rating: Any | None = None, p_refuse_logprob: Any | None = None,
+                    client: Any | None = None, clients: Iterable[str] = ()) -> "DatapointTable":
+        """Build a table from arrays (simulations, tests): ``prompt``, ``topic`` and ``client`` are
+        int codes (topic and client -1 = missing); missing harm columns default to "missing"."""
         prompt = np.asarray(prompt, dtype=np.int32)
         n = prompt.shape[0]
         n_prompts = int(prompt.max()) + 1 if n else 0
@@ -172,6 +205,7 @@ class DatapointTable:
             harm_rating=np.zeros(n, np.int8) if harm_rating is None else np.asarray(harm_rating, np.int8),
             refused=np.asarray(refused, dtype=bool), n_read=n,
             p_refuse_logprob=None if p_refuse_logprob is None else np.asarray(p_refuse_logprob, np.float64),
+            client=None if client is None else np.asarray(client, np.int32), clients=tuple(clients),
         )
 
     def data_hash(self) -> str:
@@ -243,10 +277,11 @@ class _Builder:
         self.topics: dict[str, int] = {}
         self.models: set[str] = set()
         self.templates: set[str] = set()
+        self.clients: dict[str, int] = {}
         self.cols: dict[str, list[np.ndarray]] = {k: [] for k in
                                                   ("prompt", "topic", "harm_level", "will_refuse",
                                                    "confidence", "harm_rating", "refused", "p_refuse_logprob",
-                                                   "judged", "detector_refused")}
+                                                   "judged", "detector_refused", "client")}
         self.skipped: Counter[str] = Counter()
         self.examples: dict[str, list[str]] = {}
         self.unknown: set[str] = set()
@@ -314,6 +349,7 @@ class _Builder:
         self.cols["refused"].append(np.where(judged, np.fromiter((v in REFUSAL_LABELS for v in judge), bool, n),
                                              detector))
         self.cols["confidence"].append(np.array(cols["confidence"], dtype=np.int8))
+        self.cols["client"].append(_factorise(cols.get(CLIENT_FIELD) or [None] * n, self.clients, n))
         lp = cols["p_refuse_logprob"]
         self.cols["p_refuse_logprob"].append(np.array([np.nan if v is None else v for v in lp], np.float64)
                                              if None in lp else np.array(lp, np.float64))
@@ -392,6 +428,7 @@ class _Builder:
         self.cols["refused"].append(np.where(judged, rep(np.fromiter((v is True for v in judge), bool, len(g))),
                                              detector))
         self.cols["confidence"].append(rep(np.array(col("confidence"), dtype=np.int8)))
+        self.cols["client"].append(rep(_factorise([r.get("client_of") for r in g], self.clients, len(g))))
         self.cols["p_refuse_logprob"].append(rep(np.array([np.nan if v is None else v for v in col("p_refuse_logprob")],
                                                           np.float64)))
         self.models.update(m for m in set(col("model")) if m is not None)
@@ -453,6 +490,7 @@ class _Builder:
             skipped=dict(self.skipped), skipped_examples=dict(self.examples),
             unknown_fields=tuple(sorted(self.unknown)), n_read=self.n_read,
             judged=cat("judged", bool), detector_refused=cat("detector_refused", bool),
+            client=cl if ((cl := cat("client", np.int32)) >= 0).any() else None, clients=tuple(self.clients),
         )
 
 
@@ -593,7 +631,7 @@ def _read_sqlite(path: Path, b: _Builder) -> None:
         if missing_req:
             raise DatapointError(f"{path}: table 'datapoints' lacks column(s) {missing_req}")
         b.unknown.update(set(present) - set(FIELDS) - set(OPTIONAL_FIELDS) - {"seq"})
-        wanted = list(_USED) + ["label", "action", JUDGE_FIELD]
+        wanted = list(_USED) + ["label", "action", JUDGE_FIELD, CLIENT_FIELD]
         select = ", ".join(c if c in present else "NULL" for c in wanted)
         seq = "seq" if "seq" in present else "rowid"
         cur = con.execute(f"SELECT {seq}, {select} FROM datapoints ORDER BY {seq}")

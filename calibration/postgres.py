@@ -12,7 +12,9 @@ seen at, plus one row per reason a row is unusable. The logprob is continuous, s
 it nearly every row is its own group: the aggregation then saves little, but calibration sees the
 same values as from a file export (the continuous score uses them). The judge's verdict
 (``judge_refused``) is null where the row has no ``judge_label``, else whether that label is a refusal
-label: the row's ground truth, as in the file readers. It splits a group in three at most.
+label: the row's ground truth, as in the file readers. It splits a group in three at most. The
+group key holds the row's ``client`` too (``client_of``: null where the table has no such column,
+one written before it existed), so calibrate can report, cap and exclude clients as from a file.
 ``calibration.datapoints`` expands these counts into the columnar table calibration consumes, in the
 same first-seen order the file readers produce.
 """
@@ -25,7 +27,7 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
-from calibration.datapoints import ACTIONS, FIELDS, JUDGE_FIELD, LABELS, OPTIONAL_FIELDS, PROBE_STATUSES, REFUSAL_LABELS
+from calibration.datapoints import ACTIONS, CLIENT_FIELD, FIELDS, JUDGE_FIELD, LABELS, OPTIONAL_FIELDS, PROBE_STATUSES, REFUSAL_LABELS
 from calibration.datapoints import _BOOL_FIELDS as BOOL_FIELDS
 from calibration.datapoints import _FLOAT_FIELDS as FLOAT_FIELDS
 from calibration.datapoints import _INT_FIELDS as INT_FIELDS
@@ -105,18 +107,18 @@ END"""
 
 _SOURCE = f"""
     SELECT d.*, coalesce(d.id, d.prompt_sha256, 'row:' || d.seq) AS cluster, {_INVALID} AS invalid,
-           {{dup}} AS dup, {{judge}} IN ({_in(REFUSAL_LABELS)}) AS judge_refused
+           {{dup}} AS dup, {{judge}} IN ({_in(REFUSAL_LABELS)}) AS judge_refused, {{client}} AS client_of
     FROM datapoints d
     WHERE ($1::timestamptz IS NULL OR d.ts >= $1) AND ($2::text IS NULL OR d.model = $2)
 """
 _GROUPS = """
     SELECT cluster, topic, harm_level, harm_rating, will_refuse, confidence, refused, model, probe_template,
-           p_refuse_logprob, judge_refused,
+           p_refuse_logprob, judge_refused, client_of,
            count(*) AS n, min(seq) AS first
     FROM src
     WHERE NOT dup AND invalid IS NULL AND will_refuse IS NOT NULL AND confidence IS NOT NULL AND refused IS NOT NULL
     GROUP BY cluster, topic, harm_level, harm_rating, will_refuse, confidence, refused, model, probe_template,
-             p_refuse_logprob, judge_refused
+             p_refuse_logprob, judge_refused, client_of
     ORDER BY first
 """
 _UNUSABLE = """
@@ -151,6 +153,7 @@ async def _read(url: str, since: datetime | None, model: str | None,
             raise LookupError("no 'datapoints' table")
         missing = sorted(set(FIELDS) - set(present))  # an optional column the table lacks is null (judge_label below)
         judge = f"d.{JUDGE_FIELD}" if JUDGE_FIELD in present else "NULL::text"
+        client = f"d.{CLIENT_FIELD}" if CLIENT_FIELD in present else "NULL::text"
         if missing:
             raise LookupError(f"table 'datapoints' lacks column(s) {missing}")
         async with con.transaction(readonly=not exclude, isolation="repeatable_read"):
@@ -160,7 +163,7 @@ async def _read(url: str, since: datetime | None, model: str | None,
                 await con.copy_records_to_table("seen", records=exclude)
                 await con.execute("ANALYZE seen")
                 dup = "EXISTS (SELECT 1 FROM seen s WHERE s.request_id = d.request_id AND s.ts = d.ts)"
-            with_src = "WITH src AS (" + _SOURCE.format(dup=dup, judge=judge) + ")"
+            with_src = "WITH src AS (" + _SOURCE.format(dup=dup, judge=judge, client=client) + ")"
             groups = [dict(r) for r in await con.fetch(with_src + _GROUPS, since, model)]
             unusable = [dict(r) for r in await con.fetch(with_src + _UNUSABLE, since, model)]
     finally:

@@ -355,9 +355,11 @@ def _sections(result: CalibrationResult, notes: dict[str, str | None]) -> list[B
     return [
         Heading("Confusion table (SDT convention: signal = the model refused)"),
         Table(("", "refused", "complied"), conf_rows),
-        Heading("SDT statistics with 95% intervals (rates: design-effect Wilson; d' and c: MOVER; ∞: unbounded)"),
+        Heading("SDT statistics with 95% intervals, uncorrected: the detector's label as the outcome (rates: "
+                "design-effect Wilson; d' and c: MOVER; ∞: unbounded)"),
         Table(("group", "cell", "n", "prompts", "accuracy", "H", "FA", "d'", "c", "ECE", "Brier", "block", "pass",
                "note"), tuple(cells_rows)),
+        *_corrected_blocks(result),
         Heading("Reliability of stated confidence"),
         Figure("reliability", "reliability diagram", notes.get("reliability")),
         Table(("confidence", "stated", "n", "accuracy", "95% CI (Clopper-Pearson)"), rel_rows),
@@ -370,6 +372,38 @@ def _sections(result: CalibrationResult, notes: dict[str, str | None]) -> list[B
         Heading(f"Accuracy by {harm}"),
         Figure("harm_accuracy", f"accuracy by {harm}", notes.get("harm_accuracy")),
     ]
+
+
+def _corrected_blocks(result: CalibrationResult) -> list[Block]:
+    """Judge-corrected figures beside the detector's, or a plain statement that the figures are uncorrected."""
+    from calibration.label_error import DETECTOR_ERROR_NOTE, METHOD
+    rows = [c for c in result.cells if c.corrected is not None]
+    if not rows:
+        return [Heading("Judge-corrected SDT statistics"),
+                Para(("None: no datapoint carries a judge label, so the figures above are UNCORRECTED: every "
+                      f"outcome is the detector's label ({DETECTOR_ERROR_NOTE}). Configure judge_url, judge_model "
+                      "and judge_fraction to correct them.",))]
+
+    def iv(v: float | None, ci: tuple[float | None, float | None], spec: str = ".3f") -> str:
+        if v is None:
+            return "not measurable"
+        lo, hi = ci
+        return f"{_f(v, spec)} [{'−∞' if lo is None else format(lo, spec)}, {'∞' if hi is None else format(hi, spec)}]"
+
+    table_rows = []
+    for cs in rows:
+        c = cs.corrected
+        table_rows.append((cs.group, cs.name, str(c.n), str(c.n_judged), iv(c.accuracy, c.ci["accuracy"]),
+                           iv(c.hit_rate, c.ci["hit_rate"]), iv(c.false_alarm_rate, c.ci["false_alarm_rate"]),
+                           iv(c.d_prime, c.ci["d_prime"], ".2f"), iv(c.criterion, c.ci["criterion"], ".2f"),
+                           _f(cs.summary.d_prime, ".2f"), _f(cs.summary.accuracy),
+                           "; ".join(c.notes)))
+    return [Heading("Judge-corrected SDT statistics with 95% intervals (beside the detector's uncorrected d' and "
+                    "accuracy)"),
+            Para((f"Method: {METHOD}. Assumes the judge's label is the truth and the judged rows are a uniform "
+                  "random draw; see docs/calibration.md, \"Judge-corrected figures\".",)),
+            Table(("group", "cell", "n", "judged", "accuracy", "H", "FA", "d'", "c", "detector d'",
+                   "detector accuracy", "note"), tuple(table_rows))]
 
 
 def write_report(result: CalibrationResult, out_dir: Path | str) -> tuple[Path, Path]:

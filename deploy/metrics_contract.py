@@ -20,6 +20,11 @@ COUNTERS = {
     "refusal_guard_datapoints_dropped_total": (),
     "refusal_guard_upstream_errors_total": ("reason",),
     "refusal_guard_http_requests_total": ("route", "status"),
+    # with an LLM judge (judge_url): its audits, tokens and the judged sample behind the corrected figures
+    "refusal_guard_judge_total": ("result",),
+    "refusal_guard_judge_tokens_total": ("kind",),
+    "refusal_guard_judged_outcomes_total": ("topic", "predicted", "detector", "judge", "model"),
+    "refusal_guard_detector_stages_total": ("stage",),
 }
 HISTOGRAMS = {
     "refusal_guard_http_request_seconds": ("route",),
@@ -34,6 +39,8 @@ GAUGES = {
     "refusal_guard_false_alarm_rate": ("topic",),
     "refusal_guard_accuracy": ("topic",),
     "refusal_guard_ece": ("topic",),
+    "refusal_guard_corrected": ("topic", "statistic", "bound"),
+    "refusal_guard_window_judged": ("topic",),
     "refusal_guard_window_scored": ("topic",),
     "refusal_guard_window_sdt_defined": ("topic",),
     "refusal_guard_drift_statistic": ("topic", "metric"),

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import hmac
+import json
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +28,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, Response
 
 from guard.apis import GUARDED_APIS, Api
+from guard.apis.base import OFF_LOOP_BYTES, GuardedRequest
+from guard.probe.context import last_user_text
 from guard.proxy import passthrough
 from guard.truth.detector import RefusalDetector
 from guard.errors import ProxyError, error_body
@@ -37,9 +41,10 @@ from guard.live.metrics import GuardMetrics
 from guard.live.model_labels import OTHER, ModelLabels
 from guard.probe.policy import PolicyStore, ReloadResult
 from guard.probe.template import TEMPLATE_HASH
-from guard.probe.prober import Prober
+from guard.probe.prober import PROBE_HEADER, Prober
 from guard.stores.recorder import PromptHasher, default_key_file, load_hash_key
 from guard.stores.sink import Retention, open_sink
+from guard.proxy.attribution import ClientHasher
 from guard.proxy.request_context import RequestContext, request_id_of
 from guard.stores.review import ReviewSink
 from guard.proxy.routing import Router
@@ -115,7 +120,9 @@ class Runtime:
     upstream: Upstream
     router: Router
     policies: PolicyStore
+    clients: ClientHasher  # the datapoint's client id of a credential (guard.proxy.attribution)
     draining: bool = field(default=False)
+    background: set[asyncio.Task[None]] = field(default_factory=set)  # model-listing fetches
 
 
 def build_http_client(settings: Settings) -> httpx.AsyncClient:
@@ -166,7 +173,9 @@ def create_app(
                     if previous is not None:
                         stack.callback(signal.signal, signum, previous)
             app.state.runtime = runtime
-            if settings.upstream_check_interval > 0:
+            runtime.router.scorer.models.refresh = lambda: in_background(runtime, check_upstream(runtime))
+            stack.push_async_callback(cancel_background, runtime)
+            if settings.upstream_check_interval > 0:  # its first check (at once) fetches the model listing too
                 watcher = asyncio.create_task(watch_upstream(runtime, settings.upstream_check_interval))
                 stack.push_async_callback(cancel_task, watcher)
             freeze_startup_heap()
@@ -176,7 +185,8 @@ def create_app(
     app = FastAPI(title="refusal-guard", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.router.redirect_slashes = False  # RequestContext trims a trailing slash: same route, no redirect
     app.add_middleware(RequestContext, metrics=metrics, max_header_bytes=settings.max_header_bytes,
-                       access_log=AccessLog() if settings.log_format == "json" else None, tracing=tracing)
+                       access_log=AccessLog() if settings.log_format == "json" else None, tracing=tracing,
+                       refused_routes=settings.refused_routes)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -247,31 +257,76 @@ def guarded_handler(api: Api) -> Any:
     async def handle(request: Request) -> Response:
         runtime: Runtime = request.app.state.runtime
         try:
-            check_api_key(request, runtime.settings)
-            parsed = api.parse(await read_body(request, runtime.settings.max_body_bytes))
+            key_name = check_api_key(request, runtime.settings)
+            raw = await read_body(request, runtime.settings.max_body_bytes)
+            # a large body is parsed (and its prompt hashed) in a worker thread: not on the event loop
+            parsed = (await asyncio.to_thread(parse_off_loop, api, raw, runtime.router.scorer.recorder.hash_prompt)
+                      if len(raw) > OFF_LOOP_BYTES else api.parse(raw))
         except ProxyError:
             runtime.metrics.requests.labels("invalid", runtime.router.effective_mode().value, OTHER).inc()
             raise
+        # who sent it (the datapoint's client): the inbound key's name, else a keyed hash of the credential
+        client = key_name if key_name is not None else runtime.clients(request.headers)
         return await runtime.router.handle(parsed, request.headers, request_id_of(request.scope),
-                                           request.scope.get("query_string", b""))
+                                           request.scope.get("query_string", b""), client=client)
 
     return handle
 
 
+def parse_off_loop(api: Api, raw: bytes, hash_prompt: Callable[[str], str]) -> GuardedRequest:
+    """``api.parse(raw)`` with its last user turn read and hashed, for a worker thread: a turn of a
+    million parts takes a second to read, and 32 MiB to hash, which the event loop must never wait for."""
+    parsed = api.parse(raw)
+    text = last_user_text(parsed.messages)
+    return dataclasses.replace(parsed, prompt=(text, hash_prompt(text)))
+
+
 async def check_upstream(runtime: Runtime) -> dict[str, Any]:
-    """Ask the upstream for ``/models``; set ``refusal_guard_upstream_up``. The answer names no host."""
+    """Ask the upstream for ``/models`` with the guard's own credentials (never a client's), marked as the
+    guard's own call (``x-refusal-guard-probe``); set ``refusal_guard_upstream_up`` and the listing the
+    ``model`` label slots admit from (``guard.live.model_labels``). The answer names no host."""
+    headers = {**runtime.upstream.forward_headers({}), PROBE_HEADER: "1"}
     try:
-        answer = await runtime.upstream.request("GET", "/models", headers=runtime.upstream.forward_headers({}),
-                                                timeout=runtime.settings.connect_timeout)
+        answer = await runtime.upstream.request("GET", "/models", headers=headers, timeout=runtime.settings.connect_timeout)
     except UpstreamFailure as failure:
         runtime.metrics.upstream_up.set(0)
         return {"upstream": "unreachable", "reason": failure.reason}
     healthy = answer.status < 500 and answer.status != 404
     runtime.metrics.upstream_up.set(1 if healthy else 0)
+    if answer.status == 200:
+        runtime.router.scorer.models.listed(model_ids(answer.body))
     health: dict[str, Any] = {"upstream": "ok" if healthy else "unhealthy", "upstream_status": answer.status}
     if answer.status == 404:
         health["hint"] = "the upstream has no /models: does the upstream URL end in /v1?"
     return health
+
+
+def model_ids(body: bytes) -> list[str]:
+    """The ids in an OpenAI-shape model list (``{"data": [{"id": ...}, ...]}``); [] if it is not one."""
+    try:
+        data = json.loads(body).get("data")
+    except (ValueError, AttributeError, RecursionError):
+        return []
+    if not isinstance(data, list):
+        return []
+    return [item["id"] for item in data if isinstance(item, dict) and isinstance(item.get("id"), str)]
+
+
+def in_background(runtime: Runtime, work: Any) -> None:
+    """Run the coroutine ``work`` as a task the runtime keeps (and cancels at shutdown); not once the
+    runtime drains (scoring that ends during shutdown must not start work nobody will wait for)."""
+    if runtime.draining:
+        work.close()
+        return
+    task = asyncio.get_running_loop().create_task(work)
+    runtime.background.add(task)
+    task.add_done_callback(runtime.background.discard)
+
+
+async def cancel_background(runtime: Runtime) -> None:
+    for task in list(runtime.background):
+        task.cancel()
+    await asyncio.gather(*runtime.background, return_exceptions=True)
 
 
 async def cancel_task(task: asyncio.Task[None]) -> None:
@@ -290,7 +345,8 @@ async def watch_upstream(runtime: Runtime, interval: float) -> None:
 def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.AsyncClient,
                   tracing: Tracing | None = None) -> Runtime:
     """Wire the collaborators of one process from settings."""
-    metrics.initialise(settings.topics, tuple(dict.fromkeys((settings.mode.value, "shadow"))))
+    judging = bool(settings.judge_url and settings.judge_model and settings.judge_fraction > 0)
+    metrics.initialise(settings.topics, tuple(dict.fromkeys((settings.mode.value, "shadow"))), judging=judging)
     # With api_keys set, the client's Authorization is its key for the guard: not the upstream's business.
     forward_client_key = not settings.api_keys or settings.forward_client_key
     upstream = Upstream(client, settings.upstream, api_key=settings.upstream_api_key, total_timeout=settings.total_timeout,
@@ -313,22 +369,23 @@ def build_runtime(settings: Settings, metrics: GuardMetrics, client: httpx.Async
     live = LiveStats(metrics, window_size=settings.window_size, drift_alpha=settings.drift_alpha,
                      drift_horizon=settings.drift_horizon)
     judge = None
-    if settings.judge_url and settings.judge_model and settings.judge_fraction > 0:
+    if judging:
         key = settings.judge_api_key.get_secret_value() if settings.judge_api_key else None
         judge = RefusalJudge(client, settings.judge_url, settings.judge_model, key, sample_rate=settings.judge_fraction,
                              timeout=settings.judge_timeout)
+    hash_key = prompt_hash_key(settings)  # prompt hashes and client ids, one deployment secret
     scorer = Scorer(
         RefusalDetector(), live,
-        open_sink(settings.datapoints, metrics, queue_size=settings.datapoint_queue_size,
+        open_sink(settings.datapoints, metrics.datapoints_dropped, queue_size=settings.datapoint_queue_size,
                   retention=Retention(settings.datapoint_max_age, settings.datapoint_max_rows),
-                  hasher=PromptHasher(prompt_hash_key(settings))),
+                  hasher=PromptHasher(hash_key)),
         metrics, ModelLabels(settings.metric_models, settings.metric_models_seen, metrics.initialise_model),
         topics=settings.topics, strict=settings.strict_refusal, judge=judge, tracing=tracing,
         review_upstream=review_upstream is not None, max_pending_audits=settings.judge_max_pending,
     )
     router = Router(settings, upstream, review_upstream, prober, policies,
-                    ReviewSink(client, settings.review_webhook, metrics), scorer, tracing or Tracing())
-    runtime = Runtime(settings, metrics, upstream, router, policies)
+                    ReviewSink(client, settings.review_webhook, metrics.review_events), scorer, tracing or Tracing())
+    runtime = Runtime(settings, metrics, upstream, router, policies, ClientHasher(hash_key))
     rebaseline_drift(runtime)
     return runtime
 
@@ -346,7 +403,8 @@ def prompt_hash_key(settings: Settings) -> bytes:
     key_file = settings.prompt_hash_key_file or default_key_file(settings.datapoints)
     if configured is None and key_file is None and isinstance(settings.datapoints, SecretStr):
         log.warning("datapoints go to a database but prompt_hash_key is not set: this replica hashes prompts "
-                    "under its own key, so calibration cannot group a prompt's repeats across replicas")
+                    "and client credentials under its own key, so calibration cannot group a prompt's repeats, "
+                    "nor one client's rows (--max-client-share, --exclude-client), across replicas and restarts")
     return load_hash_key(configured, key_file)
 
 
@@ -400,13 +458,16 @@ def _bearer(request: Request) -> str | None:
     return value[7:].strip() if value[:7].lower() == "bearer " else None
 
 
-def check_api_key(request: Request, settings: Settings) -> None:
-    """If inbound API keys are configured, the client must present one (constant-time compare)."""
+def check_api_key(request: Request, settings: Settings) -> str | None:
+    """If inbound API keys are configured, the client must present one (constant-time compare, every
+    key compared); returns that key's name (``Settings.api_key_name``), None without ``api_keys``."""
     if not settings.api_keys:
-        return
+        return None
     token = (_bearer(request) or "").encode()
-    if not any(hmac.compare_digest(token, key.get_secret_value().encode()) for key in settings.api_keys):
+    matches = [hmac.compare_digest(token, key.get_secret_value().encode()) for key in settings.api_keys]
+    if not any(matches):
         raise ProxyError(401, "missing or invalid API key for refusal-guard", code="invalid_api_key")
+    return settings.api_key_name(matches.index(True))
 
 
 def check_admin_token(request: Request, settings: Settings) -> None:
@@ -435,6 +496,8 @@ async def read_body(request: Request, limit: int) -> bytes:
         # The client left before its body was complete: its own doing, counted as 499, no traceback.
         raise ProxyError(499, "client closed the connection before the request body was complete",
                          code="client_closed_request") from None
+    if size > OFF_LOOP_BYTES:  # bytes.join releases the GIL for large joins, in a worker thread
+        return await asyncio.to_thread(b"".join, chunks)
     return b"".join(chunks)
 
 

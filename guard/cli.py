@@ -73,17 +73,7 @@ def run_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_format, settings.log_level)
     # through the configured logging, so that with log_format json every line is JSON
     logging.getLogger("refusal_guard").log(*check_upstream_at_start(settings))
-    common = dict(
-        host=settings.host,
-        port=settings.port,
-        timeout_keep_alive=int(settings.keepalive_timeout),
-        timeout_graceful_shutdown=int(settings.shutdown_grace),
-        h11_max_incomplete_event_size=settings.max_header_bytes,
-        limit_concurrency=settings.max_concurrency,
-        log_level=settings.log_level,
-        log_config=None,  # uvicorn's loggers propagate to the root logger configured above
-        access_log=False,  # uvicorn's lines carry paths and client addresses; guard.logs writes its own (json)
-    )
+    common = uvicorn_options(settings)
     if settings.workers == 1:
         from guard.app import create_app
 
@@ -94,6 +84,23 @@ def run_serve(args: argparse.Namespace) -> int:
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="refusal-guard-metrics-"))
     uvicorn.run("guard.app:create_app_from_environment", factory=True, workers=settings.workers, **common)
     return 0
+
+
+def uvicorn_options(settings: Settings) -> dict[str, typing.Any]:
+    """The uvicorn options ``serve`` runs with (one place, so tests serve with exactly these)."""
+    return dict(
+        host=settings.host,
+        port=settings.port,
+        timeout_keep_alive=int(settings.keepalive_timeout),  # must outlive the load balancer's (docs/operations.md)
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        limit_concurrency=settings.max_concurrency,
+        log_level=settings.log_level,
+        log_config=None,  # uvicorn's loggers propagate to the root logger configured in run_serve
+        # uvicorn's access lines carry paths, query strings (keys: ?api-key=...) and client addresses;
+        # guard.logs writes its own (json), and redacts query strings in every other line.
+        access_log=False,
+    )
 
 
 def check_upstream_at_start(settings: Settings) -> tuple[int, str]:

@@ -13,12 +13,19 @@ The fields of a chat request are known deep in the request path (the scorer); th
 access line through :func:`annotate`, which writes into the current request's field dict (a
 context variable set by the middleware for the duration of one request, so concurrent
 requests never see each other's fields).
+
+No line prints a query string (it can carry a key: ``/v1/realtime?api-key=...``) or a client
+address: uvicorn's own access log is off (``guard.cli``), its WebSocket handshake lines (``127.0.0.1:
+5000 - "WebSocket /v1/realtime?api-key=..." 403``, access lines under another logger's name) are
+dropped, and :class:`RedactQueryStrings`, on the one handler, replaces the query of any path or URL in
+any other record (a library's URL in an error) with ``?[redacted]``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from datetime import datetime, timezone
@@ -31,6 +38,26 @@ _fields: ContextVar[dict[str, Any] | None] = ContextVar("refusal_guard_access_fi
 
 #: What a chat request may add to its access line (anything else is ignored).
 ANNOTATIONS = frozenset({"action", "mode", "probe_status", "probe_ms", "upstream_ms"})
+#: A path (or URL) followed by a query string: ``/v1/realtime?api-key=sk-...``.
+_QUERY = re.compile(r"(/[^\s\"'?]*)\?[^\s\"']+")
+
+
+class RedactQueryStrings(logging.Filter):
+    """Replace the query string of every path or URL in a record's message (and traceback) with
+    ``?[redacted]``; drop uvicorn's WebSocket access lines (client address, path and query)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("uvicorn") and str(record.msg).startswith('%s - "WebSocket '):
+            return False  # uvicorn's access line of a WebSocket handshake: the guard writes its own
+        message = record.getMessage()
+        redacted = _QUERY.sub(r"\1?[redacted]", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = _QUERY.sub(r"\1?[redacted]", record.exc_text)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -47,7 +74,7 @@ class JsonFormatter(logging.Formatter):
         if isinstance(access, dict):
             out.update(access)
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = record.exc_text or self.formatException(record.exc_info)  # exc_text: redacted
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
@@ -55,6 +82,7 @@ def configure_logging(log_format: str = "text", log_level: str = "info") -> None
     """Replace the root logger's handlers with one stderr handler in ``log_format`` at ``log_level``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(RedactQueryStrings())
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)

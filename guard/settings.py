@@ -18,7 +18,9 @@ import yaml
 
 from calibration.datapoints import parse_duration
 from calibration.postgres import is_postgres_url
-from pydantic import BeforeValidator, Field, SecretStr, field_validator
+import re
+
+from pydantic import BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 ENV_PREFIX = "REFUSAL_GUARD_"
@@ -65,6 +67,16 @@ class OnProbeFailure(StrEnum):
 Duration = Annotated[float, BeforeValidator(lambda v: parse_duration(v) if isinstance(v, str) else v)]
 
 
+#: What an inbound API key's name (the datapoints' ``client``) may be made of.
+_KEY_NAME = re.compile(r"[A-Za-z0-9._@+\-]{1,64}")
+
+
+#: POST routes under /v1 that generate from input the probe never sees (see ``refused_routes``): an
+#: Anthropic-style API, deployment-path aliases of chat completions (LiteLLM, Azure-style), batches run
+#: from an uploaded file, Assistants runs.
+REFUSED_ROUTES = ("/v1/messages", "/v1/engines", "/v1/openai", "/v1/deployments", "/v1/batches", "/v1/threads")
+
+
 class Settings(BaseSettings):
     """All knobs of one proxy process. Defaults suit a single replica on loopback."""
 
@@ -89,7 +101,10 @@ class Settings(BaseSettings):
     pool_max_connections: int = Field(default=512, ge=1)
     pool_keepalive_expiry: float = Field(default=4.0, gt=0, description=(
         "Idle upstream connections are closed after this; keep it below the upstream's own idle timeout."))
-    keepalive_timeout: float = Field(default=5.0, gt=0, description="Idle client connections are closed after this.")
+    keepalive_timeout: float = Field(default=75.0, gt=0, description=(
+        "Idle client connections are closed after this. Keep it above the idle timeout of whatever sends to the "
+        "guard (AWS ALB 60 s, nginx upstream keepalive 60 s; GCP's load balancer needs 620), so the client "
+        "side closes first and never sends on a connection the guard is closing."))
     max_concurrency: int | None = Field(
         default=None, ge=1, description="Connections+requests served at once; beyond it, 503 (load shedding)."
     )
@@ -129,9 +144,15 @@ class Settings(BaseSettings):
     review_upstream_api_key: SecretStr | None = None
     review_webhook: str | None = None
     admin_token: SecretStr | None = None
-    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
-        default=(), description="If non-empty, clients must send one of these as a bearer token."
-    )
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(default=(), description=(
+        "If non-empty, clients must send one of these as a bearer token. A mapping name: key (a YAML/TOML "
+        "table, or a JSON object in the environment) names them; datapoints record the name as `client`."))
+    api_key_names: Annotated[tuple[str, ...], NoDecode] = Field(default=(), description=(
+        "Names of api_keys, in order (set for you when api_keys is a mapping); default key-1, key-2, ..."))
+    refused_routes: Annotated[tuple[str, ...], NoDecode] = Field(default=REFUSED_ROUTES, description=(
+        "Paths under /v1 (prefixes, whole segments) where a POST makes the upstream generate from input the "
+        "probe never sees (Anthropic-style /v1/messages, deployment aliases of chat completions, batches, "
+        "Assistants runs): refused with a 403 instead of forwarded unguarded. Empty: forward them."))
     forward_client_key: bool = Field(default=False, description=(
         "With api_keys set, also forward the client's Authorization (its key for the guard) upstream."))
     circuit_failures: int = Field(default=5, ge=1, description=(
@@ -159,12 +180,17 @@ class Settings(BaseSettings):
     metric_models: Annotated[tuple[str, ...], NoDecode] = Field(default=(), description=(
         "Models that always get their own `model` label on the request and outcome counters (e.g. a,b)."))
     metric_models_seen: int = Field(default=20, ge=0, description=(
-        "Besides metric_models, label at most this many further models per process (the first the upstream "
-        "answered); every other model is counted as `other`."))
-    judge_url: str | None = None
+        "Besides metric_models, label at most this many further models per process (the first seen that the "
+        "upstream lists in GET /models); every other model is counted as `other`."))
+    judge_url: str | None = Field(default=None, description=(
+        "LLM judge: an OpenAI-compatible API root (the upstream itself will do). It labels a random "
+        "judge_fraction of answers; calibrate and the live gauges correct the SDT figures with those labels."))
     judge_model: str | None = None
-    judge_api_key: SecretStr | None = None
-    judge_fraction: float = Field(default=0.0, ge=0, le=1)
+    judge_api_key: SecretStr | None = Field(default=None, description=(
+        "The judge endpoint's key (not taken from upstream_api_key, even when judge_url is the upstream)."))
+    judge_fraction: float = Field(default=0.0, ge=0, le=1, description=(
+        "Share of answers the judge labels: a fresh random draw per request (the guard's own; nothing a client "
+        "sends steers it)."))
     judge_timeout: float = Field(default=30.0, gt=0, description=(
         "Longest one judge call may take; past it the audit counts as failed and the datapoint is logged "
         "without judge_label."))
@@ -216,7 +242,40 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 32 characters (e.g. `python -c 'import secrets; print(secrets.token_hex(32))'`)")
         return value
 
-    @field_validator("topics", "api_keys", "metric_models", mode="before")
+    @model_validator(mode="before")
+    @classmethod
+    def _named_api_keys(cls, data: Any) -> Any:
+        # api_keys as a mapping {name: key}: split into the keys and their names (api_key_names).
+        if not isinstance(data, dict):
+            return data
+        keys = data.get("api_keys")
+        if isinstance(keys, str) and keys.lstrip().startswith("{"):
+            keys = json.loads(keys)
+        if isinstance(keys, Mapping):
+            if data.get("api_key_names"):
+                raise ValueError("give api_keys as a mapping name: key, or api_key_names, not both")
+            kept = {str(name): key for name, key in keys.items()
+                    if (key.get_secret_value() if isinstance(key, SecretStr) else str(key or "")).strip()}
+            data = {**data, "api_keys": list(kept.values()), "api_key_names": list(kept)}
+        return data
+
+    @model_validator(mode="after")
+    def _api_key_names_match(self) -> "Settings":
+        names = self.api_key_names
+        if names and len(names) != len(self.api_keys):
+            raise ValueError(f"api_key_names has {len(names)} names for {len(self.api_keys)} api_keys")
+        for name in names:
+            if not _KEY_NAME.fullmatch(name):
+                raise ValueError(f"api key name {name!r} must be 1-64 characters of [A-Za-z0-9._@+-]")
+        if len(set(names)) != len(names):
+            raise ValueError("api key names must be unique")
+        return self
+
+    def api_key_name(self, index: int) -> str:
+        """The name of ``api_keys[index]``: its configured name, else ``key-<index + 1>``."""
+        return self.api_key_names[index] if self.api_key_names else f"key-{index + 1}"
+
+    @field_validator("topics", "api_keys", "api_key_names", "metric_models", "refused_routes", mode="before")
     @classmethod
     def _split_topics(cls, value: Any) -> Any:
         # Flags and environment variables arrive as strings: accept "a,b,c" or a JSON list.
@@ -230,6 +289,14 @@ class Settings(BaseSettings):
     @classmethod
     def _no_empty_keys(cls, value: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
         return tuple(k for k in value if k.get_secret_value().strip())
+
+    @field_validator("refused_routes")
+    @classmethod
+    def _routes_under_v1(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for route in value:
+            if not route.startswith("/v1/") or route.endswith("/") or "//" in route or "/." in route:
+                raise ValueError(f"refused_routes: {route!r} is not a normal path under /v1 (e.g. /v1/messages)")
+        return value
 
     @field_validator("topics")
     @classmethod

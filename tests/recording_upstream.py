@@ -5,7 +5,8 @@ models, files with multipart upload and binary download, audio speech, deletes),
 a deterministic function of the request (fixed timestamps, ``x-request-id`` derived from the
 body), so a direct call and the same call through the guard can be compared byte for byte.
 Every request is recorded (method, path, query, headers, body); probe calls (header
-``x-refusal-guard-probe: 1``) are answered "comply" and recorded apart.
+``x-refusal-guard-probe: 1``) are answered "comply" and recorded apart; the guard's own ``GET /models``
+(marked the same way) is answered a one-model list and not recorded.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ def build_recording_upstream(recorder: Recorder) -> Starlette:
         body = await request.body()
         seen = Seen(request.method, request.url.path, request.url.query, dict(request.headers), body)
         probe = request.headers.get("x-refusal-guard-probe") == "1"
+        if probe and request.method == "GET":  # the guard's own model listing (its label slots): not a probe
+            return JSONResponse({"object": "list", "data": [{"id": "m", "object": "model"}]})
         with recorder.lock:
             (recorder.probes if probe else recorder.requests).append(seen)
         ids = {"x-request-id": _id(body), "x-ratelimit-remaining-requests": "99"}

@@ -52,6 +52,7 @@ class Script:
     probe_logprobs: list | None = None
     reject_response_format: set[str] = field(default_factory=set)  # e.g. {"json_schema"}
     models_status: int = 200
+    models: list[str] = field(default_factory=lambda: ["scripted"])  # the ids GET /v1/models lists
     upstream_request_id: str | None = None  # sent as x-request-id with every generation if set
     calls: Counter = field(default_factory=Counter)
     received: list[Received] = field(default_factory=list)
@@ -157,7 +158,8 @@ def build_upstream(script: Script) -> Starlette:
             script.calls["models"] += 1
         if script.models_status != 200:
             return JSONResponse({"error": {"message": "down", "type": "server_error"}}, status_code=script.models_status)
-        return JSONResponse({"object": "list", "data": [{"id": "scripted", "object": "model", "owned_by": "tests"}]})
+        return JSONResponse({"object": "list", "data": [{"id": m, "object": "model", "owned_by": "tests"}
+                                                        for m in script.models]})
 
     async def other_api(request: Request) -> Response:
         """Legacy completions and the Responses API (generations only)."""

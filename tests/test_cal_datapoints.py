@@ -40,7 +40,8 @@ def test_fields_and_ddl():
     con = sqlite3.connect(":memory:")
     con.executescript(SQLITE_DDL)
     cols = [r[1] for r in con.execute("PRAGMA table_info(datapoints)")]
-    assert cols == ["seq", *FIELDS, "prompt", "route", "upstream_request_id", "context", "judge_label", "prompt_topic"]
+    assert cols == ["seq", *FIELDS, "prompt", "route", "upstream_request_id", "context", "judge_label", "prompt_topic",
+                    "client"]
     idx = [r[1] for r in con.execute("PRAGMA index_list(datapoints)")]
     assert any("topic" in name for name in idx)
 

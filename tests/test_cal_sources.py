@@ -32,7 +32,7 @@ def log_and_export(tmp_path):
     db = tmp_path / "log.sqlite3"
 
     async def write() -> None:
-        recorder = DatapointRecorder(db, GuardMetrics(CollectorRegistry()), flush_interval=0.01)
+        recorder = DatapointRecorder(db, GuardMetrics(CollectorRegistry()).datapoints_dropped, flush_interval=0.01)
         await recorder.start()
         for i in range(60):
             recorder.put(row(i))

@@ -93,3 +93,19 @@ def test_cli_defaults_to_stdin_stdout(monkeypatch, capsys) -> None:
     assert (args.inp, args.out, args.strict) == ("-", "-", False)
     assert args.func(args) == 0
     assert json.loads(capsys.readouterr().out)["label"] == "full_compliance"
+
+
+def test_the_prompt_field_reaches_the_detector() -> None:
+    # The learned stage reads the prompt (as in the proxy); a record without a string prompt is labelled
+    # from the answer alone.
+    seen: list[str | None] = []
+
+    class Spy(RefusalDetector):
+        def label(self, response: str, prompt: str | None = None):
+            seen.append(prompt)
+            return super().label(response, prompt)
+
+    lines = [{"prompt": "boil?", "response": ANSWER}, {"response": ANSWER}, {"prompt": 3, "response": ANSWER}]
+    out = io.StringIO()
+    stats = classify_jsonl(io.StringIO("".join(json.dumps(r) + "\n" for r in lines)), out, Spy(), err=io.StringIO())
+    assert stats.written == 3 and seen == ["boil?", None, None]

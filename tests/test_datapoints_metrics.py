@@ -185,7 +185,9 @@ def test_two_workers_sum_counters_and_share_the_log(upstream, script, tmp_path):
 
 def test_model_label_is_bounded_and_new_models_wait_for_a_scrape(start_proxy, script):
     """Two models get their own label, a third beyond the bound is ``other``; the sums stay exact."""
+    script.models = ["be/ta v2", "gamma"]  # only a model the upstream lists can take a slot
     proxy = start_proxy(mode="sequential", datapoints=None, metric_models="alpha", metric_models_seen=1)
+    assert httpx.get(proxy.url + "/readyz?upstream=1").status_code == 200  # the listing is in
     sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
     script.reply = REFUSAL
 
@@ -223,7 +225,9 @@ def test_model_label_is_bounded_and_new_models_wait_for_a_scrape(start_proxy, sc
 
 
 def test_a_model_the_upstream_rejects_takes_no_slot(start_proxy, script):
+    script.models = ["real"]
     proxy = start_proxy(mode="sequential", datapoints=None, metric_models_seen=1)
+    assert httpx.get(proxy.url + "/readyz?upstream=1").status_code == 200  # the listing is in
     sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0)
     script.probe_reply = probe_says(False)
     script.status = 404
@@ -247,10 +251,12 @@ def test_model_labels_clean_configured_names_and_keep_other_reserved():
     created: list[str] = []
     labels = ModelLabels(["be/ta v2", "alpha", "alpha", "other"], 1, created.append)
     assert labels.configured == ("be/ta_v2", "alpha") and created == ["be/ta_v2", "alpha", "other"]
-    assert labels.label("be/ta_v2", served=False) == "be/ta_v2"  # configured: labelled even when not served
-    assert labels.label(None, served=True) == "other"
-    assert labels.label("other", served=True) == "other" and created[-1] == "other"  # takes no slot
-    assert labels.label("gamma", served=True) == "other" and created[-1] == "gamma"  # pending until a scrape
-    assert labels.label("delta", served=True) == "other" and "delta" not in created  # over the bound
+    assert labels.label("be/ta_v2") == "be/ta_v2"  # configured: labelled whether listed or not
+    assert labels.label(None) == "other"
+    labels.listed(["gamma", "delta", "other"])
+    assert labels.label("other") == "other" and created[-1] == "other"  # takes no slot
+    assert labels.label("junk") == "other" and "junk" not in created  # not listed: no slot
+    assert labels.label("gamma") == "other" and created[-1] == "gamma"  # pending until a scrape
+    assert labels.label("delta") == "other" and "delta" not in created  # over the bound
     labels.scraped()
-    assert labels.label("gamma", served=False) == "gamma" and labels.label("delta", served=True) == "other"
+    assert labels.label("gamma") == "gamma" and labels.label("delta") == "other"

@@ -101,6 +101,13 @@ EXPECTED_RECORDS = {f"refusal_guard:{name}:{w}" for w in ("5m", "1h") for name i
     "outcomes", "hits", "misses", "false_alarms", "correct_rejections", "scored", "hit_rate", "false_alarm_rate",
     "hit_rate_t", "false_alarm_rate_t", "z_hit_rate", "z_false_alarm_rate", "d_prime", "criterion", "accuracy",
     "accuracy_by_confidence", "requests", "action_share", "probe_failure_ratio", "upstream_error_ratio", "sdt_defined")} | {
+    f"refusal_guard:{name}:{w}" for w in ("5m", "1h") for name in (
+        "judged", "judged_scored", "judged_refused_share", "judged_refused_share_pooled", "strata",
+        "strata_refused")} | {
+    f"refusal_guard:{name}_corrected:{w}" for w in ("5m", "1h") for name in (
+        "hits", "misses", "false_alarms", "correct_rejections", "scored", "hit_rate", "false_alarm_rate",
+        "hit_rate_t", "false_alarm_rate_t", "z_hit_rate", "z_false_alarm_rate", "d_prime", "criterion", "accuracy",
+        "sdt_defined")} | {
     f"refusal_guard:{name}_by_model:{w}" for w in ("5m", "1h") for name in (
         "requests", "outcomes", "hits", "misses", "false_alarms", "correct_rejections", "scored", "hit_rate",
         "false_alarm_rate", "hit_rate_t", "false_alarm_rate_t", "z_hit_rate", "z_false_alarm_rate", "d_prime",

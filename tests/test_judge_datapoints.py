@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import threading
 import time
 from collections import Counter
@@ -38,7 +37,12 @@ from tests.servers import ServerThread, eventually
 
 REFUSAL = "I'm sorry, but I can't help with that request."
 COMPLIANCE = "Sure. Here is a clear explanation: the process has three steps, each described below in detail. " * 3
-_PROMPT_LINE = re.compile(r"^prompt \(JSON string, may be null\): (.*)$", re.MULTILINE)
+TOKENS = {"prompt_tokens": 100, "completion_tokens": 7}
+
+
+def judged_prompt(content: str) -> str:
+    """The user's prompt as the judge sees it: a JSON string in the document after the instructions."""
+    return json.loads(content.split("Document to label:\n", 1)[1])["prompt"]
 
 
 @dataclass
@@ -57,13 +61,13 @@ class JudgeScript:
 def _answer(content: str) -> JSONResponse:
     return JSONResponse({"id": "judge", "object": "chat.completion", "model": "judge",
                          "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                      "finish_reason": "stop"}]})
+                                      "finish_reason": "stop"}], "usage": TOKENS})
 
 
 def build_judge(script: JudgeScript) -> Starlette:
     async def chat(request: Request) -> Response:
         body = await request.json()
-        prompt = json.loads(_PROMPT_LINE.search(body["messages"][1]["content"]).group(1))
+        prompt = judged_prompt(body["messages"][1]["content"])
         order = prompt.split("judge:")[1].split()[0]
         with script.lock:
             script.calls[order] += 1
@@ -97,9 +101,9 @@ def judge(judge_script: JudgeScript):
 
 def start_guarded(upstream: ServerThread, judge: ServerThread, db: Path, registry: CollectorRegistry,
                   **overrides) -> ServerThread:
-    settings = Settings(upstream=upstream.url + "/v1", mode="sequential", datapoints=db, log_prompts=True,
-                        upstream_check_interval=0, judge_url=judge.url + "/v1", judge_model="judge-model",
-                        judge_fraction=1.0, **overrides)
+    settings = Settings(**{"upstream": upstream.url + "/v1", "mode": "sequential", "datapoints": db,
+                           "log_prompts": True, "upstream_check_interval": 0, "judge_url": judge.url + "/v1",
+                           "judge_model": "judge-model", "judge_fraction": 1.0, **overrides})
     return ServerThread(create_app(settings, registry=registry)).start()
 
 
@@ -161,6 +165,16 @@ def test_every_sampled_datapoint_carries_the_judges_label_and_calibrate_uses_it(
     assert by_prompt["upstream fails judge:full_refusal"]["judge_label"] is None
     assert sum(judge_script.calls.values()) == 16
     assert (judged(registry, "agree"), judged(registry, "disagree"), judged(registry, "failed")) == (12, 4, 0)
+    for kind in ("prompt", "completion"):   # every answer's usage counted
+        tokens = registry.get_sample_value("refusal_guard_judge_tokens_total", {"kind": kind})
+        assert tokens == 16 * TOKENS[f"{kind}_tokens"]
+    outcomes = {tuple(s.labels[k] for k in ("predicted", "detector", "judge")): s.value
+                for family in registry.collect() if family.name == "refusal_guard_judged_outcomes"
+                for s in family.samples if s.name.endswith("_total") and s.value}
+    assert sum(outcomes.values()) == 16     # every judged, scored prediction, by prediction x detector x judge
+    assert sum(v for (_, _, j), v in outcomes.items() if j == "refused") == sum(
+        verdict in REFUSAL_LABELS for verdict, _ in expected.values())
+    assert sum(v for (_, d, j), v in outcomes.items() if d != j) == 4
 
     export = tmp_path / "dp.jsonl"
     assert guard_main(["export", "--db", str(db), "--out", str(export)]) == 0
@@ -176,8 +190,10 @@ def test_every_sampled_datapoint_carries_the_judges_label_and_calibrate_uses_it(
     capsys.readouterr()
     assert calibrate_main(["calibrate", "--datapoints", str(export), "--out", str(tmp_path / "policy.json"),
                            "--n-boot", "20"]) == 0
-    report = capsys.readouterr().err
-    assert "16 rows carry a judge label (used as ground truth); detector-vs-judge agreement 0.750" in report
+    out = capsys.readouterr()
+    assert "16 rows carry a judge label (a random sample: the SDT figures are corrected" in out.err
+    assert "detector-vs-judge agreement 0.750" in out.err
+    assert "judge-corrected" in out.out     # the corrected figures printed beside the detector's
 
 
 def test_a_failing_or_slow_judge_still_gets_every_request_logged(upstream, script, judge, judge_script, tmp_path):
@@ -255,3 +271,19 @@ async def test_the_judge_timeout_bounds_the_whole_call_not_each_read():
             assert (await patient.label("p", "r")).value == "full_refusal"  # the drip does deliver a label
             hurried = RefusalJudge(client, server.url + "/v1", "m", timeout=0.5)
             assert await hurried.label("p", "r") is None
+
+
+def test_a_client_cannot_choose_which_requests_are_audited(upstream, script, judge, judge_script, tmp_path):
+    """Issue 23 row 7: sampling was a hash of the client's x-request-id (40/40 or 0/40 audited by choice). Now a
+    random draw: the same id on every request still gets some audited and some not (P(fail) ~ 2e-9)."""
+    db, registry = tmp_path / "dp.sqlite3", CollectorRegistry()
+    script.reply = COMPLIANCE
+    proxy = start_guarded(upstream, judge, db, registry, judge_fraction=0.5)
+    sdk = openai.OpenAI(base_url=proxy.url + "/v1", api_key="k", max_retries=0,
+                        default_headers={"x-request-id": "always-the-same"})
+    for i in range(30):
+        assert ask(sdk, f"request {i} judge:full_compliance") == COMPLIANCE
+    proxy.stop()
+    audited = sum(judge_script.calls.values())
+    assert 0 < audited < 30
+    assert judged(registry, "agree") == audited

@@ -213,7 +213,7 @@ def test_compared_cells_follow_the_routing():
     live = LiveStats(metrics, window_size=10, drift_alpha=0.01)
     cells = [(t, w, c, h) for t in TOPICS for w in (False, True) for c in range(1, 6) for h in range(6)]
     for review_upstream in (False, True):
-        scorer = Scorer(RefusalDetector(), live, DatapointRecorder(None, metrics), metrics,
+        scorer = Scorer(RefusalDetector(), live, DatapointRecorder(None, metrics.datapoints_dropped), metrics,
                         ModelLabels((), 0, lambda model: None), topics=tuple(TOPICS),
                         strict=False, review_upstream=review_upstream)
         active = ActivePolicy(policy, True, "test")
@@ -234,11 +234,13 @@ def test_exported_metrics_match_the_deploy_contract(policy):
     spec.loader.exec_module(contract)
     registry = CollectorRegistry()
     metrics = GuardMetrics(registry)
-    metrics.initialise(("hacking",), ("sequential",))
+    metrics.initialise(("hacking",), ("sequential",), judging=True)  # a judge: the judged-outcome series too
     metrics.initialise_model("other")
     live = LiveStats(metrics, window_size=50, drift_alpha=0.01, wall_clock=lambda: 1.0)
     live.set_policy(policy)
     feed(live, stream(600, 0.5, seed=31), blocking=False)   # a drifted stream: every drift series appears
+    live.observe_judged("hacking", True, True, False)        # and a verdict: the corrected gauges appear
+    metrics.judge_tokens.labels("prompt").inc(10)
     live.flush()
     gauges = {s.name: tuple(sorted(s.labels)) for family in registry.collect() if family.type == "gauge"
               for s in family.samples}
@@ -247,6 +249,62 @@ def test_exported_metrics_match_the_deploy_contract(policy):
                 for s in family.samples if s.name.endswith("_total")}
     assert {n: tuple(sorted(l)) for n, l in contract.COUNTERS.items() if n in counters} == counters
     assert {"refusal_guard_requests_total", "refusal_guard_outcomes_total",
-            "refusal_guard_confidence_outcomes_total"} <= set(counters)
+            "refusal_guard_confidence_outcomes_total", "refusal_guard_judged_outcomes_total",
+            "refusal_guard_judge_tokens_total"} <= set(counters)
+    assert {"refusal_guard_corrected", "refusal_guard_window_judged"} <= set(gauges)
     assert {"refusal_guard_window_scored", "refusal_guard_window_sdt_defined", "refusal_guard_drift_threshold",
             "refusal_guard_drift_last_alarm_timestamp_seconds", "refusal_guard_drift_compared"} <= set(gauges)
+
+
+# ------------------------------------------------------------------ judge-corrected gauges
+def corrected(registry: CollectorRegistry, topic: str, stat: str, bound: str) -> float | None:
+    return registry.get_sample_value("refusal_guard_corrected", {"topic": topic, "statistic": stat, "bound": bound})
+
+
+def test_corrected_gauges_combine_the_window_with_the_judged_sample():
+    import numpy as np
+
+    from calibration.label_error import estimate_counts
+
+    registry = CollectorRegistry()
+    live = LiveStats(GuardMetrics(registry), window_size=4000, drift_alpha=0.01, export_interval=0.0, seed=1)
+    rng = np.random.default_rng(8)
+    n = 3000
+    y = rng.random(n) < 0.35
+    wr = np.where(rng.random(n) < 0.9, y, ~y)
+    det = y ^ (rng.random(n) < np.where(y, 0.15, 0.05))
+    judged = rng.random(n) < 0.2
+    for i in range(n):
+        live.observe("fraud", bool(wr[i]), bool(det[i]), 3)
+    live.flush()
+    # no verdict yet: the figures are uncorrected and no corrected series exists
+    assert corrected(registry, "fraud", "d_prime", "estimate") is None
+    assert registry.get_sample_value("refusal_guard_window_judged", {"topic": "fraud"}) is None
+    for i in np.flatnonzero(judged):
+        live.observe_judged("fraud", bool(wr[i]), bool(det[i]), bool(y[i]))
+    live.flush()
+    k = 2 * wr + det
+    t = np.concatenate([np.bincount(k, minlength=4), np.bincount(k[judged], minlength=4),
+                        np.bincount(k[judged & y], minlength=4)])
+    expect = sdt_from_counts(*estimate_counts(t))
+    for topic in ("fraud", "all"):
+        assert registry.get_sample_value("refusal_guard_window_judged", {"topic": topic}) == judged.sum()
+        for stat in ("d_prime", "criterion", "hit_rate", "false_alarm_rate", "accuracy"):
+            est = corrected(registry, topic, stat, "estimate")
+            assert est == pytest.approx(float(getattr(expect, stat)))
+            assert corrected(registry, topic, stat, "lower") < est < corrected(registry, topic, stat, "upper")
+    truth = sdt_from_counts((wr & y).sum(), (~wr & y).sum(), (wr & ~y).sum(), (~wr & ~y).sum()).d_prime
+    detector = gauge(registry, "refusal_guard_d_prime", "fraud")
+    assert abs(corrected(registry, "fraud", "d_prime", "estimate") - truth) < abs(detector - truth)
+    assert corrected(registry, "fraud", "d_prime", "lower") <= truth <= corrected(registry, "fraud", "d_prime", "upper")
+
+
+def test_the_judged_window_is_bounded():
+    registry = CollectorRegistry()
+    live = LiveStats(GuardMetrics(registry), window_size=50, drift_alpha=0.01, export_interval=0.0, judge_window=10)
+    for i in range(40):
+        live.observe("fraud", i % 2 == 0, i % 3 == 0, 4)
+    for i in range(15):
+        live.observe_judged("fraud", i % 2 == 0, i % 3 == 0, i % 2 == 0)
+    live.flush()
+    assert registry.get_sample_value("refusal_guard_window_judged", {"topic": "fraud"}) == 10

@@ -122,3 +122,26 @@ def test_unknown_log_settings_are_rejected(value):
         Settings(upstream="http://x/v1", log_format=value)
     with pytest.raises(ValueError):
         Settings(upstream="http://x/v1", log_level=value)
+
+
+def test_no_record_prints_a_query_string_or_a_websocket_access_line():
+    """The filter on the process's one handler (``configure_logging``): a URL's query string is
+    redacted in any record and traceback; uvicorn's WebSocket handshake lines are dropped."""
+    from guard.logs import RedactQueryStrings
+
+    def filtered(name: str, msg: str, *args: object, exc: BaseException | None = None) -> logging.LogRecord | None:
+        record = logging.LogRecord(name, logging.INFO, __file__, 1, msg, args,
+                                   (type(exc), exc, exc.__traceback__) if exc else None)
+        return record if RedactQueryStrings().filter(record) else None
+
+    record = filtered("aiohttp", "cannot reach %s", "http://10.0.0.5:8000/v1/models?api-key=sk-canary-1&x=2")
+    assert record.getMessage() == "cannot reach http://10.0.0.5:8000/v1/models?[redacted]"
+    assert filtered("uvicorn.error", '%s - "WebSocket %s" 403', "127.0.0.1:5000", "/v1/realtime?api-key=k") is None
+    plain = filtered("refusal_guard", "GET %s answered 404: does the upstream URL end in /v1? (e.g. %s)", "u", "v")
+    assert plain.getMessage() == "GET u answered 404: does the upstream URL end in /v1? (e.g. v)"  # prose kept
+    try:
+        raise ValueError("bad URL /v1/files?key=sk-canary-2")
+    except ValueError as exc:
+        record = filtered("refusal_guard", "failed", exc=exc)
+    line = JsonFormatter().format(record)
+    assert "sk-canary-2" not in line and "/v1/files?[redacted]" in line

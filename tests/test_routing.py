@@ -92,6 +92,7 @@ def test_review_without_review_upstream_forwards_to_the_primary(start_proxy, scr
 
 def test_parallel_block_cancels_the_generation(start_proxy, script):
     script.probe_reply = probe_says(True, 5)
+    script.probe_stall = 1.0  # the generation call is under way when the block comes (else it is never sent)
     script.stall = 30.0
     proxy = start_proxy(mode="parallel")
     started = time.monotonic()

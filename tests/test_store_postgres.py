@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import SecretStr
 
 from calibration.calibrate import calibrate_table
+from calibration.clients import cap_client_share, client_report
 from calibration.cli import main as calibrate_main
 from calibration.agreement import detector_judge_agreement
 from calibration.datapoints import DUPLICATE, FIELDS, DatapointError, read_datapoints
@@ -101,10 +102,11 @@ def dropped(metrics: GuardMetrics) -> float:
 
 async def test_every_datapoint_is_written_once_with_native_types(db_url):
     metrics = GuardMetrics(CollectorRegistry())
-    sink = PostgresSink(SecretStr(db_url), metrics, batch_size=100, flush_interval=0.01)
+    sink = PostgresSink(SecretStr(db_url), metrics.datapoints_dropped, batch_size=100, flush_interval=0.01)
     await sink.start()
     for i in range(1234):
-        sink.put(record(i, prompt="hello" if i == 0 else None, judge_label="partial_refusal" if i % 3 == 0 else None))
+        sink.put(record(i, prompt="hello" if i == 0 else None, judge_label="partial_refusal" if i % 3 == 0 else None,
+                        client="alice" if i % 2 else None))
     await sink.stop()
     rows = await fetch(db_url, "SELECT * FROM datapoints ORDER BY seq")
     assert len(rows) == 1234 and sink.written == 1234 and dropped(metrics) == 0
@@ -115,6 +117,7 @@ async def test_every_datapoint_is_written_once_with_native_types(db_url):
     assert first["prompt"] == "hello" and rows[1]["prompt"] is None
     assert first["probe_ms"] == 1.5 and first["harm_level"] is None
     assert [r["judge_label"] for r in rows[:3]] == ["partial_refusal", None, None]
+    assert [r["client"] for r in rows[:3]] == [None, "alice", None]
 
 
 async def test_an_old_table_is_migrated_and_keeps_its_rows(db_url):
@@ -123,16 +126,17 @@ async def test_an_old_table_is_migrated_and_keeps_its_rows(db_url):
                       "request_id text, ts timestamptz)")
     await con.execute("INSERT INTO datapoints (request_id, ts) VALUES ('old', now())")
     await con.close()
-    sink = PostgresSink(SecretStr(db_url), GuardMetrics(CollectorRegistry()), flush_interval=0.01)
+    sink = PostgresSink(SecretStr(db_url), GuardMetrics(CollectorRegistry()).datapoints_dropped, flush_interval=0.01)
     await sink.start()
     sink.put(record(1))
     await sink.stop()
-    rows = await fetch(db_url, "SELECT request_id, p_correct, prompt, judge_label FROM datapoints ORDER BY seq")
+    rows = await fetch(db_url, "SELECT request_id, p_correct, prompt, judge_label, client FROM datapoints ORDER BY seq")
     assert [r["request_id"] for r in rows] == ["old", "req-1"] and rows[1]["p_correct"] == 0.9
+    assert [r["client"] for r in rows] == [None, None]
 
 
 async def test_a_batch_retried_after_its_commit_is_not_written_twice(db_url):
-    sink = PostgresSink(SecretStr(db_url), GuardMetrics(CollectorRegistry()))
+    sink = PostgresSink(SecretStr(db_url), GuardMetrics(CollectorRegistry()).datapoints_dropped)
     await sink.start()
     batch = [record(i) for i in range(5)]
     await sink._write(batch)
@@ -144,7 +148,7 @@ async def test_a_batch_retried_after_its_commit_is_not_written_twice(db_url):
 
 async def test_a_value_the_table_rejects_drops_its_batch_counted_and_writing_goes_on(db_url, caplog):
     metrics = GuardMetrics(CollectorRegistry())
-    sink = PostgresSink(SecretStr(db_url), metrics, flush_interval=0.01)
+    sink = PostgresSink(SecretStr(db_url), metrics.datapoints_dropped, flush_interval=0.01)
     await sink.start()
     sink.put({**record(1), "ts": "yesterday-ish"})
     await asyncio.sleep(0.3)
@@ -162,7 +166,7 @@ async def test_database_down_at_start_then_up_loses_nothing_and_never_blocks_put
         url = server.create_database("late")
         server.stop()
         metrics = GuardMetrics(CollectorRegistry())
-        sink = PostgresSink(SecretStr(url), metrics, flush_interval=0.01, connect_timeout=1)
+        sink = PostgresSink(SecretStr(url), metrics.datapoints_dropped, flush_interval=0.01, connect_timeout=1)
         await sink.start()                      # the guard starts although the database is down
         t0 = time.perf_counter()
         for i in range(300):
@@ -178,7 +182,7 @@ async def test_database_down_at_shutdown_counts_the_rest_as_dropped(caplog):
     with PostgresServer() as server:
         url = server.create_database("gone")
         metrics = GuardMetrics(CollectorRegistry())
-        sink = PostgresSink(SecretStr(url), metrics, flush_interval=0.01, stop_timeout=1.5, connect_timeout=1)
+        sink = PostgresSink(SecretStr(url), metrics.datapoints_dropped, flush_interval=0.01, stop_timeout=1.5, connect_timeout=1)
         await sink.start()
         sink.put(record(0))
         await asyncio.sleep(0.5)
@@ -196,7 +200,7 @@ async def test_database_down_at_shutdown_counts_the_rest_as_dropped(caplog):
 
 async def test_postgres_retention_prunes_by_age_and_by_rows(db_url):
     now = datetime.now(timezone.utc)
-    sink = PostgresSink(SecretStr(db_url), GuardMetrics(CollectorRegistry()))   # no pruning by the drain task
+    sink = PostgresSink(SecretStr(db_url), GuardMetrics(CollectorRegistry()).datapoints_dropped)   # no pruning by the drain task
     await sink.start()
     await sink._write([record(i, ts=now - timedelta(hours=2)) for i in range(30)])
     await sink._write([record(100 + i, ts=now) for i in range(20)])
@@ -215,7 +219,7 @@ async def test_sqlite_retention_prunes_by_age_and_by_rows(tmp_path):
 
     now = datetime.now(timezone.utc)
     db = tmp_path / "dp.sqlite3"
-    recorder = DatapointRecorder(db, GuardMetrics(CollectorRegistry()))
+    recorder = DatapointRecorder(db, GuardMetrics(CollectorRegistry()).datapoints_dropped)
     await recorder.start()
     await asyncio.to_thread(recorder._write, [record(i, ts=now - timedelta(days=1)) for i in range(30)])
     await asyncio.to_thread(recorder._write, [record(100 + i, ts=now) for i in range(20)])
@@ -231,7 +235,7 @@ async def test_sqlite_retention_prunes_by_age_and_by_rows(tmp_path):
 
 async def test_the_drain_task_prunes_on_its_own(db_url):
     old = datetime.now(timezone.utc) - timedelta(days=3)
-    sink = PostgresSink(SecretStr(db_url), GuardMetrics(CollectorRegistry()), flush_interval=0.01,
+    sink = PostgresSink(SecretStr(db_url), GuardMetrics(CollectorRegistry()).datapoints_dropped, flush_interval=0.01,
                         retention=Retention(max_age=86400, interval=0.2))
     await sink.start()
     for i in range(10):
@@ -386,14 +390,15 @@ def fleet_data(pg: PostgresServer, tmp_path_factory) -> tuple[str, Path]:
                               id=f"prompt-{d['prompt'][i]}", topic=["cyber", "bio", "misc"][d["topic"][i]],
                               will_refuse=bool(d["will_refuse"][i]), confidence=int(d["confidence"][i]),
                               harm_rating=int(d["harm_rating"][i]), refused=refused,
-                              prompt_sha256=None, judge_label=judge))
+                              prompt_sha256=None, judge_label=judge,
+                              client=None if j % 7 == 0 else ("big" if j % 2 else f"c{j % 5}")))
     for j in range(40):                                  # unusable rows: probe timeouts, blocked requests
         records.append(record(n + j, ts=start + timedelta(days=5, minutes=j), model="m-1",
                               will_refuse=None, confidence=None, probe_status="timeout"))
     metrics = GuardMetrics(CollectorRegistry())
 
     async def write() -> None:
-        sink = PostgresSink(SecretStr(url), metrics, batch_size=500, flush_interval=0.01)
+        sink = PostgresSink(SecretStr(url), metrics.datapoints_dropped, batch_size=500, flush_interval=0.01)
         await sink.start()
         for r in records:
             sink.put(r)
@@ -429,6 +434,14 @@ def test_calibrate_from_the_database_equals_calibrate_from_its_export(fleet_data
         assert from_db.detector_refused.sum() == from_file.detector_refused.sum() != from_db.refused.sum()
         assert detector_judge_agreement(from_db) == detector_judge_agreement(from_file)
         assert _policy(from_db) == _policy(from_file)
+        # the client of each row, aggregated in the database as read from the file: same report, same cap
+        report = client_report(from_db)
+        assert report.rows == client_report(from_file).rows and report.rows[0][0] == "big"
+        assert dict(report.rows)["(none)"] > 0 and len(report.rows) == 7
+        capped_db, dropped_db = cap_client_share(from_db, 0.3)
+        capped_file, dropped_file = cap_client_share(from_file, 0.3)
+        assert dropped_db == dropped_file and dropped_db.get("big", 0) > 0
+        assert capped_db.data_hash() == capped_file.data_hash()
     everything = read_datapoints([url])
     assert everything.n == read_datapoints([url], model="m-1").n + read_datapoints([url], model="m-2").n
 
@@ -467,13 +480,15 @@ async def test_judge_labels_in_a_table_from_before_them_or_invalid(db_url, tmp_p
     con = await asyncpg.connect(db_url)
     await con.execute(postgres_ddl()[0])
     await con.execute("ALTER TABLE datapoints DROP COLUMN judge_label")
-    columns = [c for c in COLUMNS if c != "judge_label"]
+    await con.execute("ALTER TABLE datapoints DROP COLUMN client")  # nor client (issue 23)
+    columns = [c for c in COLUMNS if c not in ("judge_label", "client")]
     await con.copy_records_to_table("datapoints", columns=columns, records=[
-        tuple(v for k, v in zip(COLUMNS, _pg_row(record(i))) if k != "judge_label") for i in range(20)])
+        tuple(v for k, v in zip(COLUMNS, _pg_row(record(i))) if k not in ("judge_label", "client")) for i in range(20)])
     await con.close()
     table = await asyncio.to_thread(read_datapoints, [db_url])
     assert table.n == 20 and not table.judged.any() and (table.refused == table.detector_refused).all()
-    sink = PostgresSink(SecretStr(db_url), GuardMetrics(CollectorRegistry()), flush_interval=0.01)
+    assert table.client is None
+    sink = PostgresSink(SecretStr(db_url), GuardMetrics(CollectorRegistry()).datapoints_dropped, flush_interval=0.01)
     await sink.start()                                   # the sink adds the column
     sink.put(record(20, judge_label="maybe"))
     sink.put(record(21, judge_label="full_refusal", refused=False))

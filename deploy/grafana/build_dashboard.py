@@ -83,9 +83,11 @@ def dashboard() -> dict:
     L.panel("timeseries", "Sensitivity d'", [
         (f"refusal_guard:d_prime:5m{{{JT}}}", "{{topic}} 5m"),
         (f"refusal_guard:d_prime:1h{{{JT}}}", "{{topic}} 1h"),
+        (f"refusal_guard:d_prime_corrected:1h{{{JT}}}", "{{topic}} 1h judge-corrected"),
         (f'max by (job, topic) (refusal_guard_policy_baseline{{{JT}, statistic="d_prime"}})', "{{topic}} baseline"),
-    ], description="d' = z(H) - z(FA), log-linear corrected, A-S approximation of z (|error| < 9e-4). "
-                   "Alert: 1h d' below the policy baseline by the configured margin.")
+    ], description="d' = z(H) - z(FA), log-linear corrected, A-S approximation of z (|error| < 9e-4), with the "
+                   "detector's label as the outcome; 'judge-corrected' (only with an LLM judge) corrects it with "
+                   "the judged random sample. Alert: 1h d' below the policy baseline by the configured margin.")
     L.panel("timeseries", "Bias (criterion c)", [
         (f"refusal_guard:criterion:5m{{{JT}}}", "{{topic}} 5m"),
         (f"refusal_guard:criterion:1h{{{JT}}}", "{{topic}} 1h"),

@@ -4,15 +4,28 @@ An :class:`Api` reads a request body into a :class:`GuardedRequest` (whose ``mes
 ``tools`` are a chat-style view of what the model will see: the probe reads that), reads the
 text of an answer (whole, or reassembled from its event stream: the detector labels that) and
 writes a block in the API's own shape. ``guard.proxy.routing`` drives any of them the same way.
+
+Bounded work per request: every array whose length multiplies what the guard does (choices a block
+must write, messages and items the probe reads, tools) has a limit, OpenAI's own where it has one,
+and a longer one is a 400 in the OpenAI shape naming the field (``param``) before anything else
+happens; a body of more than ``MAX_JSON_OBJECTS`` objects stops the parse (400). Bodies over :data:`OFF_LOOP_BYTES` are parsed, and their probe view built, in a worker
+thread, so one large request cannot stall the event loop (``/healthz``, every other request).
 """
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import gc
 import json
+import re
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from guard.errors import bad_request
+from guard.probe.context import OFF_LOOP_BYTES  # noqa: F401  (re-exported: the app parses larger bodies off the loop)
 
 
 class StreamText(Protocol):
@@ -40,7 +53,29 @@ class Api(Protocol):
 
     def block_body(self, request: GuardedRequest, *, request_id: str, message: str) -> dict[str, Any]: ...
 
-    def block_events(self, request: GuardedRequest, *, request_id: str, message: str) -> list[bytes]: ...
+    def block_events(self, request: GuardedRequest, *, request_id: str, message: str) -> Iterator[bytes]: ...
+
+
+#: ``n``: the choices of one answer (OpenAI's maximum).
+MAX_CHOICES = 128
+#: Completions: the prompts of one batch (OpenAI's maximum).
+MAX_PROMPTS = 2048
+#: Completions: prompts x n, the choices one block answer holds (a 16-prompt batch at n=128; 2048 at n=1).
+MAX_BATCH_CHOICES = 2048
+#: Chat: messages of one request (OpenAI's maximum).
+MAX_MESSAGES = 2048
+#: Responses: ``input`` items of one request (generous: agent loops carry many tool calls and outputs).
+MAX_INPUT_ITEMS = 10_000
+#: Tools (and chat's legacy ``functions``) offered in one request (OpenAI's maximum).
+MAX_TOOLS = 128
+#: ``n`` in the request schemas: 1 to MAX_CHOICES if an integer (anything else is the upstream's to judge).
+N_SCHEMA: dict[str, Any] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_CHOICES},
+                                      {"not": {"type": "integer"}}]}
+#: JSON objects one guarded body may hold, wherever they are (10,000 Responses items of a few parts use a
+#: fraction): bounds the arrays without a limit of their own (content parts, fields forwarded unread).
+MAX_JSON_OBJECTS = 200_000
+#: Numbers a large body (over 1 MiB) may hold: token-id prompts of 2M tokens, past any model's context.
+MAX_JSON_NUMBERS = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +91,44 @@ class GuardedRequest:
     stream: bool
     include_usage: bool = False
     choices: int = 1  # how many answers a block must return (n, times the prompts of a batch)
-    context: dict[str, Any] = field(default_factory=dict)  # recorded, never probed (previous_response_id)
+    context: dict[str, str] = field(default_factory=dict)  # ids of stored context, recorded (see safe_id)
+    previous_response_id: str | None = None  # fetchable stored context (responses); see guard.probe.stored_context
+    stored_index: int | None = None  # where in ``messages`` the stored context's placeholder stands
+    #: The last user turn's text and its keyed hash, when they were read off the event loop (large bodies:
+    #: ``guard.app.parse_off_loop``); None: the request path reads them itself.
+    prompt: tuple[str, str] | None = None
+
+
+def array_limit(value: Any, limit: int, param: str) -> None:
+    """A 400 (OpenAI's wording and code) if the array ``value`` is longer than ``limit``."""
+    if isinstance(value, list) and len(value) > limit:
+        raise bad_request(f"Invalid '{param}': array too long. Expected an array with maximum length {limit}, "
+                          f"but got an array with length {len(value)} instead.", param=param,
+                          code="array_above_max_length")
+
+
+#: What an id stored in a datapoint may hold (ids of stored responses, conversations, prompts).
+ID_MAX_CHARS = 128
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9_.:\-]")
+
+
+def safe_id(value: Any) -> str | None:
+    """A client-given id as a datapoint may store it: a string of at most :data:`ID_MAX_CHARS`
+    characters of ``[A-Za-z0-9_.:-]`` (anything else ``_``, a cut one ends in ``~``); None if not a string."""
+    if not isinstance(value, str):
+        return None
+    cut = value[:ID_MAX_CHARS + 1]
+    cleaned = _ID_UNSAFE.sub("_", cut)
+    return cleaned[:ID_MAX_CHARS - 1] + "~" if len(cut) > ID_MAX_CHARS else cleaned
+
+
+def fetchable_id(value: Any) -> str | None:
+    """``value`` if it can go into an upstream path as it is (an id, nothing a path could read as a
+    separator or a dot segment), else None."""
+    if isinstance(value, str) and 0 < len(value) <= ID_MAX_CHARS and not _ID_UNSAFE.search(value) \
+            and value.strip(".") and ":" not in value:
+        return value
+    return None
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
@@ -74,12 +146,27 @@ def load_json(raw: bytes) -> Any:
     different requests: a key given twice in one object is refused (Python keeps the last, other
     parsers the first, so the probe could assess one ``messages`` and the model answer another),
     and so are unpaired UTF-16 surrogate escapes (legal JSON, not Unicode). Integers past
-    Python's digit limit and nesting past the parser's depth are a 400, not a 500.
+    Python's digit limit and nesting past the parser's depth are a 400, not a 500. A body of more
+    than :data:`MAX_JSON_OBJECTS` objects is a 400 as soon as the parser gets there, wherever they
+    are (content parts, unknown fields forwarded as they are): the parse's work is bounded too.
     """
+    objects = _ObjectCounter()
+    large = len(raw) > DECODE_STEP
+    # In a large body every number goes through a Python call (so the scanner, in its worker thread, lets
+    # the event loop run between them, and a body of millions of token ids is bounded): a C-only scan of
+    # an array of 4M integers holds the GIL for a second.
+    numbers = {"parse_int": objects.integer, "parse_float": objects.real} if large else {}
     try:
-        data = json.loads(raw, object_pairs_hook=_unique_keys)
+        with _no_gc_pauses(large):
+            data = json.loads(_text(raw), object_pairs_hook=objects, **numbers)
     except _DuplicateKey as exc:
-        raise bad_request(f"request body repeats the key {exc.key!r} in one object", code="duplicate_key") from None
+        raise bad_request(f"request body repeats the key {exc.key!r} in one object (spellings of a field that differ "
+                          "only in case count as repeats)", code="duplicate_key") from None
+    except _TooManyObjects:
+        raise bad_request(f"request body holds more than {MAX_JSON_OBJECTS} JSON objects",
+                          code="too_many_objects") from None
+    except _TooManyNumbers:
+        raise bad_request(f"request body holds more than {MAX_JSON_NUMBERS} numbers", code="too_many_numbers") from None
     except RecursionError:
         raise bad_request("request body is nested too deeply", code="invalid_json") from None
     except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and ints past sys.get_int_max_str_digits()
@@ -89,9 +176,101 @@ def load_json(raw: bytes) -> Any:
     return data
 
 
+#: Large bodies are decoded this many bytes at a time (each step a short hold of the GIL).
+DECODE_STEP = 1024 * 1024
+
+
+def _text(raw: bytes) -> bytes | str:
+    """``raw`` as :func:`json.loads` decodes it (its encoding detected, ``surrogatepass``), in steps of
+    :data:`DECODE_STEP` when large: one 32 MiB decode holds the GIL, and so stalls the event loop
+    even from a worker thread, for as long as it takes."""
+    if len(raw) <= DECODE_STEP:
+        return raw
+    decoder = codecs.getincrementaldecoder(json.detect_encoding(raw))("surrogatepass")
+    view = memoryview(raw)
+    parts = [decoder.decode(view[i:i + DECODE_STEP]) for i in range(0, len(raw), DECODE_STEP)]
+    parts.append(decoder.decode(b"", final=True))
+    return "".join(parts)
+
+
+_gc_lock = threading.Lock()
+_gc_holders = 0
+
+
+@contextlib.contextmanager
+def _no_gc_pauses(active: bool) -> Iterator[None]:
+    """No cyclic garbage collection while a large body is parsed (JSON makes no cycles): a million
+    new objects otherwise trigger full collections that hold the GIL, and so stall the event loop,
+    for hundreds of milliseconds. Re-entrant across threads; the collector's state is restored."""
+    global _gc_holders
+    if not active:
+        yield
+        return
+    with _gc_lock:
+        _gc_holders += 1
+        if _gc_holders == 1:
+            _no_gc_pauses.was_enabled = gc.isenabled()  # type: ignore[attr-defined]
+            gc.disable()
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_holders -= 1
+            if _gc_holders == 0 and _no_gc_pauses.was_enabled:  # type: ignore[attr-defined]
+                gc.enable()
+
+
+class _TooManyObjects(Exception):
+    pass
+
+
+class _ObjectCounter:
+    """The parser's ``object_pairs_hook``: :func:`_unique_keys`, and a count that stops the parse early."""
+
+    __slots__ = ("n", "numbers")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.numbers = 0
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        self.n += 1
+        if self.n > MAX_JSON_OBJECTS:
+            raise _TooManyObjects
+        return _unique_keys(pairs)
+
+    def integer(self, text: str) -> int:
+        self.numbers += 1
+        if self.numbers > MAX_JSON_NUMBERS:
+            raise _TooManyNumbers
+        return int(text)
+
+    def real(self, text: str) -> float:
+        self.numbers += 1
+        if self.numbers > MAX_JSON_NUMBERS:
+            raise _TooManyNumbers
+        return float(text)
+
+
+class _TooManyNumbers(Exception):
+    pass
+
+
 class _DuplicateKey(ValueError):
     def __init__(self, key: str) -> None:
         self.key = key[:64]
+
+
+#: Field names the guard reads (casefolded). Two keys of one object that differ only in case (or by
+#: Unicode folding: ``ſ`` and ``s``, the Kelvin sign and ``k``) where one of them is such a field are
+#: refused: a server that matches field names case-insensitively (Go's ``encoding/json``, as in Ollama,
+#: takes the last match) would generate from the one the probe did not read.
+READ_FIELDS = frozenset({
+    "model", "messages", "role", "content", "text", "input", "input_text", "prompt", "instructions", "tools",
+    "function", "functions", "name", "description", "arguments", "parameters", "type", "suffix", "output",
+    "previous_response_id", "conversation", "variables", "prediction", "response_format", "format", "schema",
+    "n", "stream", "refusal", "tool_calls", "audio", "image_url", "file", "custom",
+})
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -102,6 +281,12 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             if key in seen:
                 raise _DuplicateKey(key)
             seen.add(key)
+    if len(data) > 1 and not all(key.isascii() and key.islower() for key in data):
+        folded: dict[str, str] = {}
+        for key in data:
+            other = folded.setdefault(key.casefold(), key)
+            if other != key and key.casefold() in READ_FIELDS:
+                raise _DuplicateKey(key)
     return data
 
 
@@ -147,14 +332,44 @@ def model_of(body: dict[str, Any]) -> str | None:
 
 
 def choice_count(body: dict[str, Any]) -> int:
-    """``n``; an out-of-range value is left for the upstream to judge (a block then answers once)."""
+    """``n`` (1 to :data:`MAX_CHOICES`, else a 400 as OpenAI's); a value that is not an integer is left
+    for the upstream to judge (a block then answers once)."""
     n = body.get("n")
-    return n if isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= 128 else 1
+    if not isinstance(n, int) or isinstance(n, bool):
+        return 1
+    if n > MAX_CHOICES:
+        raise bad_request(f"Invalid 'n': integer above maximum value. Expected a value <= {MAX_CHOICES}, "
+                          f"but got {n} instead.", param="n", code="integer_above_max_value")
+    if n < 1:
+        raise bad_request(f"Invalid 'n': integer below minimum value. Expected a value >= 1, but got {n} instead.",
+                          param="n", code="integer_below_min_value")
+    return n
 
 
 def include_usage(body: dict[str, Any]) -> bool:
     options = optional(body, "stream_options", dict, None)
     return bool(options and options.get("include_usage"))
+
+
+def schema_message(spec: Any) -> dict[str, Any] | None:
+    """The text a JSON-schema output format puts before the model (its name, description and schema,
+    whose ``description`` fields the model reads) as a chat-style message for the probe; None if ``spec``
+    is not such a format (chat's ``response_format.json_schema``, Responses' flat ``text.format``)."""
+    if not isinstance(spec, dict):
+        return None
+    texts = [spec["description"]] if isinstance(spec.get("description"), str) else []
+    if spec.get("schema") is not None:
+        texts.append(json.dumps(spec["schema"], ensure_ascii=False, default=str))
+    message: dict[str, Any] = {"role": "response_format", "content": "\n".join(texts)}
+    if isinstance(spec.get("name"), str):
+        message["name"] = spec["name"]
+    return message if texts or "name" in message else None
+
+
+def unreadable(kind: str, role: str = "context") -> dict[str, Any]:
+    """A chat-style message for something the model reads that the probe cannot (stored context, token
+    ids): one part of an unknown type, so the probe view counts it (``probe_unknown_parts``)."""
+    return {"role": role, "content": [{"type": kind}]}
 
 
 def parts_text(content: Any, kinds: frozenset[str]) -> str:

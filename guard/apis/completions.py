@@ -1,15 +1,37 @@
-"""``POST /v1/completions``: the legacy completions API (``prompt`` as a string or a batch)."""
+"""``POST /v1/completions``: the legacy completions API (``prompt`` as a string or a batch).
+
+The probe reads the prompts' text and the ``suffix`` (text the model reads too); a token-id prompt
+has no text the guard can read, so it is an unknown part (``probe_unknown_parts``: marked, skipped
+or failing the probe). A batch holds at most ``MAX_PROMPTS`` prompts and prompts x ``n`` at most
+``MAX_BATCH_CHOICES`` choices, so a block answer stays small whatever the request asks for.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from typing import Any
 
-from guard.apis.base import GuardedRequest, choice_count, include_usage, json_object, model_of, optional
+from guard.apis.base import (
+    MAX_BATCH_CHOICES,
+    MAX_PROMPTS,
+    N_SCHEMA,
+    GuardedRequest,
+    array_limit,
+    choice_count,
+    include_usage,
+    json_object,
+    model_of,
+    optional,
+    unreadable,
+)
 from guard.apis.chat import ZERO_USAGE
 from guard.errors import bad_request
-from guard.proxy.sse import ContentCollector, sse_event
+from guard.sse import ContentCollector, sse_event
+
+#: The unknown part a token-id prompt stands as in the probe's view.
+TOKEN_IDS = "token_ids"
 
 
 class CompletionsText(ContentCollector):
@@ -26,8 +48,11 @@ REQUEST_SCHEMA: dict[str, Any] = {
     "required": ["prompt"],
     "properties": {
         "model": {"type": ["string", "null"]},
-        "prompt": {"anyOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"type": "string"}},
-                             _TOKENS, {"type": "array", "minItems": 1, "items": _TOKENS}]},
+        "prompt": {"anyOf": [{"type": "string"},
+                             {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": {"type": "string"}},
+                             _TOKENS, {"type": "array", "minItems": 1, "maxItems": MAX_PROMPTS, "items": _TOKENS}]},
+        "n": N_SCHEMA,
+        "suffix": {"type": ["string", "null"]},
         "stream": {"type": ["boolean", "null"]},
         "stream_options": {"type": ["object", "null"]},
     },
@@ -41,12 +66,29 @@ class CompletionsApi:
 
     def parse(self, raw: bytes) -> GuardedRequest:
         body = json_object(raw)
-        prompts = _prompts(body.get("prompt"))
-        text = "\n\n".join(prompts)
-        messages = [{"role": "user", "content": text}]
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and not _token_ids(prompt):  # a batch (one token-id prompt is not)
+            array_limit(prompt, MAX_PROMPTS, "prompt")
+        prompts = _prompts(prompt)
+        n = choice_count(body)
+        if n * len(prompts) > MAX_BATCH_CHOICES:
+            raise bad_request(f"Invalid 'n': {len(prompts)} prompts x n={n} asks for {n * len(prompts)} choices; "
+                              f"at most {MAX_BATCH_CHOICES} per request (prompts x n).", param="n",
+                              code="invalid_value")
+        texts = [p for p in prompts if p is not None]
+        unknown = len(prompts) - len(texts)
+        if texts:
+            messages: list[dict[str, Any]] = [{"role": "user", "content": "\n\n".join(texts)}]
+            if unknown:
+                messages.append(unreadable(TOKEN_IDS, "user"))
+        else:
+            messages = [{"role": "user", "content": [{"type": TOKEN_IDS}] * unknown}]
+        suffix = optional(body, "suffix", str, None)
+        if suffix:
+            messages.append({"role": "suffix", "content": suffix})
         return GuardedRequest(self, raw, body, model_of(body), messages, [],
                               stream=optional(body, "stream", bool, False), include_usage=include_usage(body),
-                              choices=choice_count(body) * max(1, len(prompts)))
+                              choices=n * len(prompts))
 
     def answer_text(self, body: bytes) -> str | None:
         try:
@@ -62,28 +104,30 @@ class CompletionsApi:
         return {**_base(request, request_id), "choices": [_choice(i, message, "content_filter")
                                                           for i in range(request.choices)], "usage": ZERO_USAGE}
 
-    def block_events(self, request: GuardedRequest, *, request_id: str, message: str) -> list[bytes]:
+    def block_events(self, request: GuardedRequest, *, request_id: str, message: str) -> Iterator[bytes]:
+        """The block as SSE events, one at a time (a generator: memory is one event, whatever the batch)."""
         base = _base(request, request_id)
-        indexes = range(request.choices)
-        events = [sse_event({**base, "choices": [_choice(i, message, None)]}) for i in indexes]
-        events += [sse_event({**base, "choices": [_choice(i, "", "content_filter")]}) for i in indexes]
+        for i in range(request.choices):
+            yield sse_event({**base, "choices": [_choice(i, message, None)]})
+        for i in range(request.choices):
+            yield sse_event({**base, "choices": [_choice(i, "", "content_filter")]})
         if request.include_usage:
-            events.append(sse_event({**base, "choices": [], "usage": ZERO_USAGE}))
-        return [*events, sse_event("[DONE]")]
+            yield sse_event({**base, "choices": [], "usage": ZERO_USAGE})
+        yield sse_event("[DONE]")
 
 
-def _prompts(prompt: Any) -> list[str]:
-    """The prompt texts of a request: a string, or a batch of strings. Token-id prompts have no
-    text the guard can read (the probe sees an empty prompt for them)."""
+def _prompts(prompt: Any) -> list[str | None]:
+    """The prompts of a request: a string, or a batch of strings; a token-id prompt (one list of
+    integers, or a batch of them) is None: it has no text the guard can read."""
     if isinstance(prompt, str):
         return [prompt]
     if isinstance(prompt, list) and prompt:
         if all(isinstance(p, str) for p in prompt):
             return list(prompt)
         if _token_ids(prompt):
-            return [""]
+            return [None]
         if all(_token_ids(p) for p in prompt):
-            return [""] * len(prompt)
+            return [None] * len(prompt)
     raise bad_request("'prompt' must be a string, an array of strings, or token ids", param="prompt")
 
 

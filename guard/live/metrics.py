@@ -25,6 +25,8 @@ class GuardMetrics:
         self.registry = registry
         self._topics: tuple[str, ...] = ()
         self._modes: tuple[str, ...] = ()
+        #: a judge is configured: the judged-outcome series of every model start at zero too
+        self.judging = False
         r = registry
         self.http_requests = Counter(
             "refusal_guard_http_requests", "HTTP requests answered, by route and status.", ["route", "status"], registry=r
@@ -75,6 +77,21 @@ class GuardMetrics:
         self.judge = Counter(
             "refusal_guard_judge", "LLM-judge audits: agree, disagree, failed, skipped (sampled while judge_max_pending audits waited).", ["result"], registry=r
         )
+        self.judge_tokens = Counter(
+            "refusal_guard_judge_tokens", "Tokens the LLM judge's answers reported (usage): kind = prompt or completion.",
+            ["kind"], registry=r,
+        )
+        self.detector_stages = Counter(
+            "refusal_guard_detector_stages",
+            "Answers labelled, by the detector stage that decided: cheap, learned, or cheap_overflow (unsure, but "
+            "max_pending_labels answers already waited for the learned stage).", ["stage"], registry=r,
+        )
+        self.judged_outcomes = Counter(
+            "refusal_guard_judged_outcomes",
+            "Scored predictions the LLM judge labelled (a random sample): the prediction, the detector's label and "
+            "the judge's, for the judge-corrected SDT figures (calibration.label_error).",
+            ["topic", "predicted", "detector", "judge", "model"], registry=r,
+        )
         self.review_events = Counter(
             "refusal_guard_review_events", "Review events emitted: delivered, failed, logged.", ["result"], registry=r
         )
@@ -91,7 +108,10 @@ class GuardMetrics:
         )
         gauge = lambda name, doc, labels: Gauge(name, doc, labels, registry=r, multiprocess_mode="mostrecent")  # noqa: E731
         absent = " Absent while the window lacks either class (see refusal_guard_window_sdt_defined)."
-        self.d_prime = gauge("refusal_guard_d_prime", "Sensitivity d' over the live window." + absent, ["topic"])
+        uncorrected = (" Uncorrected: the outcome is the detector's label (see refusal_guard_corrected for the "
+                       "judge-corrected figure).")
+        self.d_prime = gauge("refusal_guard_d_prime", "Sensitivity d' over the live window." + uncorrected + absent,
+                             ["topic"])
         self.criterion = gauge(
             "refusal_guard_criterion", "Criterion c over the live window (c<0: leans to 'refuse')." + absent, ["topic"]
         )
@@ -111,6 +131,19 @@ class GuardMetrics:
         )
         self.accuracy = gauge("refusal_guard_accuracy", "Prediction accuracy over the live window.", ["topic"])
         self.ece = gauge("refusal_guard_ece", "Expected calibration error over the live window.", ["topic"])
+        self.corrected = gauge(
+            "refusal_guard_corrected",
+            "Judge-corrected SDT figure over the live window: statistic = d_prime, criterion, hit_rate, "
+            "false_alarm_rate or accuracy; bound = estimate, lower or upper (95% bootstrap interval, including the "
+            "judged sample's uncertainty; lower/upper absent where unbounded). Absent without judged rows "
+            "(see refusal_guard_window_judged): the figures are then uncorrected.",
+            ["topic", "statistic", "bound"],
+        )
+        self.window_judged = gauge(
+            "refusal_guard_window_judged",
+            "Judge-labelled scored predictions in the judged window (the last judge_window verdicts of the topic).",
+            ["topic"],
+        )
         self.drift_statistic = gauge(
             "refusal_guard_drift_statistic",
             "log of the drift e-detector's statistic (0 = no evidence); alarm at refusal_guard_drift_threshold.",
@@ -143,13 +176,14 @@ class GuardMetrics:
         self.circuit_open = gauge("refusal_guard_probe_circuit_open",
                                   "Probe circuit breakers (one per upstream, model, query string and credentials) open or half-open.", [])
 
-    def initialise(self, topics: tuple[str, ...], modes: tuple[str, ...]) -> None:
-        """Create every bounded label combination at zero (those with a model: :meth:`initialise_model`).
+    def initialise(self, topics: tuple[str, ...], modes: tuple[str, ...], *, judging: bool = False) -> None:
+        """Create every bounded label combination at zero (those with a model: :meth:`initialise_model`;
+        ``judging``: a judge is configured, so the judged-outcome series too).
 
         A series that first appears with a non-zero value loses that first value in
         Prometheus' ``increase()``; starting each at 0 makes fleet-wide counts exact.
         """
-        self._topics, self._modes = topics, modes
+        self._topics, self._modes, self.judging = topics, modes, judging
         for reason in ("timeout", "error", "rejected", "unparseable", "unsupported_content", "circuit_open"):
             self.probe_failures.labels(reason)
         for reason in ("connect", "timeout", "protocol", "too_large", "status_4xx", "status_5xx"):
@@ -168,6 +202,10 @@ class GuardMetrics:
             for confidence in "12345":
                 for correct in ("true", "false"):
                     self.confidence_outcomes.labels(topic, confidence, correct, model)
+            for predicted in ("refuse", "comply") if self.judging else ():
+                for detector in ("refused", "complied"):
+                    for judge in ("refused", "complied"):
+                        self.judged_outcomes.labels(topic, predicted, detector, judge, model)
         for mode in self._modes:
             for action in ("pass", "block", "review", "invalid"):
                 self.requests.labels(action, mode, model)

@@ -14,6 +14,17 @@ The counts change with every observation, but the gauges are recomputed at most 
 rendering): recomputing d', c and ECE on every request cost 11% of the guard's CPU per request in
 sequential mode (BENCHMARKS.md), for values that are only read at scrape time.
 
+**Judge-corrected figures.** The window's outcomes are the detector's labels, so its d' is the
+detector's ("uncorrected"). With the LLM judge, each verdict on a scored prediction goes to a *judged
+window* per topic and ``all`` (``observe_judged``: the last ``judge_window`` verdicts, default
+``window_size``; the judge labels a few percent of requests, so it spans more traffic than the main
+window). ``refusal_guard_corrected{topic,statistic,bound}`` combines the main window's rows per stratum
+(prediction x detector label) with P(refused | stratum) from the judged window
+(``calibration.label_error.corrected_from_samples``: the estimator ``calibrate`` uses, with a
+200-replicate bootstrap of both samples for the interval), recomputed with the other gauges. Besides
+``calibration.label_error``'s assumptions, this assumes P(refused | stratum) (the detector's error
+given the prediction) is the same over the judged window's span as over the main window's.
+
 **Drift.** ``calibration.drift.ChangeDetector`` (a Shiryaev-Roberts-type e-detector against a
 baseline that is an estimate; see that module for the guarantee) watches two rates per topic of the
 policy and for ``all``: prediction accuracy and the model's refusal rate. Like for like: a detector
@@ -47,9 +58,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from calibration.drift import Budget, ChangeDetector
+from calibration.label_error import corrected_from_samples
 from calibration.policy import Baseline, Policy
 from calibration.reliability import ece_from_counts
-from calibration.sdt import sdt_from_counts
+from calibration.sdt import STAT_NAMES, sdt_from_counts
 from guard.live.metrics import GuardMetrics
 
 ALL = "all"
@@ -82,6 +94,31 @@ class _Window:
         self.by_conf[1, confidence - 1] += step
         if correct:
             self.by_conf[0, confidence - 1] += step
+
+
+#: window cell (0 hit, 1 miss, 2 false alarm, 3 correct rejection: detector's label) -> stratum 2 * W + D
+_STRATUM_OF_CELL = np.array([3, 1, 2, 0])
+
+
+@dataclass
+class _JudgedWindow:
+    """The last ``size`` judge verdicts of scored predictions: judged rows and judged refusals per stratum."""
+
+    size: int
+    items: deque = field(default_factory=deque)
+    judged: np.ndarray = field(default_factory=lambda: np.zeros(4, dtype=np.int64))
+    refused: np.ndarray = field(default_factory=lambda: np.zeros(4, dtype=np.int64))
+
+    def add(self, stratum: int, judge_refused: bool) -> None:
+        self._count(stratum, judge_refused, +1)
+        self.items.append((stratum, judge_refused))
+        if len(self.items) > self.size:
+            self._count(*self.items.popleft(), -1)
+
+    def _count(self, stratum: int, judge_refused: bool, step: int) -> None:
+        self.judged[stratum] += step
+        if judge_refused:
+            self.refused[stratum] += step
 
 
 @dataclass(frozen=True)
@@ -125,9 +162,14 @@ class _Drift:
 class LiveStats:
     def __init__(self, metrics: GuardMetrics, *, window_size: int, drift_alpha: float, drift_horizon: int = 100_000,
                  export_interval: float = 1.0, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time, judge_window: int | None = None,
+                 corrected_boot: int = 200, seed: int | None = None) -> None:
         self.metrics = metrics
         self.window_size = window_size
+        self.judge_window = judge_window or window_size
+        self.corrected_boot = corrected_boot
+        self._rng = np.random.default_rng(seed)
+        self._judged: dict[str, _JudgedWindow] = {}
         self.drift_alpha = drift_alpha
         self.drift_horizon = drift_horizon
         self.export_interval = export_interval
@@ -201,6 +243,20 @@ class LiveStats:
         self._drift_update(topic, drift, correct, refused)
         self._drift_update(ALL, overall, correct, refused)
 
+    def observe_judged(self, topic: str, predicted_refuse: bool, detector_refused: bool, judge_refused: bool) -> None:
+        """A judge verdict on a scored prediction (the request was observed already, with the detector's label)."""
+        stratum = 2 * int(bool(predicted_refuse)) + int(bool(detector_refused))
+        now = self._clock()
+        for key in (topic, ALL):
+            judged = self._judged.get(key)
+            if judged is None:
+                judged = self._judged[key] = _JudgedWindow(self.judge_window)
+            judged.add(stratum, bool(judge_refused))
+            window = self._windows.get(key)
+            if window is not None and now - self._exported_at.get(key, -self.export_interval) >= self.export_interval:
+                self._exported_at[key] = now
+                self._export(key, window)
+
     def flush(self) -> None:
         """Bring every window's gauges up to date with its counts (one per topic seen: a few)."""
         now = self._clock()
@@ -228,6 +284,26 @@ class LiveStats:
         else:
             self.metrics.absent(self.metrics.accuracy, key)
             self.metrics.absent(self.metrics.ece, key)
+        self._export_corrected(key, window)
+
+    def _export_corrected(self, key: str, window: _Window) -> None:
+        """The judge-corrected figures: the window's strata shares x P(refused | stratum) from the judged window."""
+        judged = self._judged.get(key)
+        if judged is None:
+            return  # no verdict yet for this key: no corrected series at all
+        self.metrics.window_judged.labels(key).set(int(judged.judged.sum()))
+        rows = np.zeros(4, dtype=np.int64)
+        rows[_STRATUM_OF_CELL] = window.cells
+        corrected = (corrected_from_samples(rows, judged.judged, judged.refused, n_boot=self.corrected_boot,
+                                            seed=self._rng) if rows.sum() and judged.judged.sum() else None)
+        for stat in STAT_NAMES:
+            value = getattr(corrected, stat) if corrected is not None else None
+            lo, hi = corrected.ci[stat] if corrected is not None else (None, None)
+            for bound, v in (("estimate", value), ("lower", lo), ("upper", hi)):
+                if value is not None and v is not None:
+                    self.metrics.corrected.labels(key, stat, bound).set(v)
+                else:
+                    self.metrics.absent(self.metrics.corrected, key, stat, bound)
 
     def _drift_update(self, key: str, drift: _Drift, correct: bool, refused: bool) -> None:
         alarm = False

@@ -57,7 +57,8 @@ def classify_jsonl(
             print(f"line {number}: {problem}; skipped", file=err)
             skipped += 1
             continue
-        label = detector.label(record["response"])
+        prompt = record.get("prompt")  # read by the detector's learned stage, as the proxy's last user turn
+        label = detector.label(record["response"], prompt if isinstance(prompt, str) else None)
         record["label"] = label.value
         record["refused"] = is_refusal(label, strict)
         out.write(json.dumps(record, ensure_ascii=False) + "\n")

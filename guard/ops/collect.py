@@ -54,7 +54,7 @@ from guard.live.metrics import GuardMetrics
 from guard.probe.template import TEMPLATE_REF
 from guard.probe.prober import Prober, ProbeResult
 from guard.settings import DEFAULT_TOPICS
-from guard.proxy.sse import completion_text
+from guard.sse import completion_text
 from guard.proxy.transport import pooled_client
 from guard.proxy.upstream import Upstream, UpstreamFailure, UpstreamResponse
 
@@ -536,7 +536,7 @@ async def collect(
             text = completion_text(answer.body)
             if text is None:
                 return "generation without text"
-            label = detector.label(text)
+            label = await asyncio.to_thread(detector.label, text, item.prompt)  # the learned stage reads the prompt
             p = probe.prediction
             record: dict[str, Any] = {
                 "id": item.id,

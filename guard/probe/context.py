@@ -33,6 +33,8 @@ from typing import Any, Literal
 #: Part types whose text reaches the model, and the key that holds it.
 TEXT_PARTS: Mapping[str, str] = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
 UnknownParts = Literal["mark", "skip"]
+#: Requests larger than this (bytes) are parsed, and their view built, in a worker thread, not on the event loop.
+OFF_LOOP_BYTES = 256 * 1024
 MARKER_ROLE = "omitted"
 
 
@@ -96,13 +98,25 @@ def conversation_view(
         last_user = 0 if items else None
     elif last_user is not None and (last_user >= len(items) or items[last_user]["role"] != "user"):
         last_user = None  # an empty user message contributed no item
-    kept, truncated = _fit(items, last_user, budget_chars)
-    return ProbeView(tuple(kept), counter.n, truncated, last_user_only)
+    kept, truncated, cut_last_user = _fit(items, last_user, budget_chars)
+    # A last user turn longer than the budget is shown cut in its middle: what the cut hides is text the
+    # model reads and the probe does not, so it counts as an unknown part (``fail`` fails the probe).
+    return ProbeView(tuple(kept), counter.n + cut_last_user, truncated, last_user_only)
 
 
 def last_user_text(messages: Sequence[Any]) -> str:
-    """All the text of the last user turn, uncut (what a datapoint's prompt hash is taken over)."""
-    return conversation_view(messages, budget_chars=sys.maxsize, last_user_only=True).last_user_text()
+    """All the text of the last user turn, uncut (what a datapoint's prompt hash is taken over): the
+    same as the ``last_user_only`` view's, found from the end, so its cost is that turn's, not the
+    conversation's (it runs on the event loop, for every request)."""
+    for message in reversed(messages):
+        if isinstance(message, Mapping) and message.get("role") == "user":
+            return conversation_view([message], budget_chars=sys.maxsize, last_user_only=True).last_user_text()
+    for message in reversed(messages):  # no user turn: the last item there is
+        if isinstance(message, Mapping):
+            items = list(_message_items(message, _clean(message.get("role")) or "unknown", _Counter(), "mark"))
+            if items:
+                return items[-1]["content"]
+    return ""
 
 
 class _Counter:
@@ -117,6 +131,8 @@ def _clean(value: Any) -> str:
     if value is None:
         return ""
     text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+    if text.isascii():  # O(1) for CPython's compact strings: no surrogate, no copy of a large text
+        return text
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -175,10 +191,12 @@ def _message_items(message: Mapping[str, Any], role: str, counter: _Counter,
 def _tool_items(tool: Any) -> Iterable[dict[str, str]]:
     if not isinstance(tool, Mapping):
         return
-    spec = tool.get("function") if isinstance(tool.get("function"), Mapping) else tool
+    # chat: {"type": "function", "function": {...}} or {"type": "custom", "custom": {...}}
+    spec = next((tool[k] for k in ("function", "custom") if isinstance(tool.get(k), Mapping)), tool)
     parts = [_clean(spec.get("description"))]
-    if spec.get("parameters") is not None:
-        parts.append(_clean(spec.get("parameters")))
+    for schema in ("parameters", "format"):  # a function's JSON schema, a custom tool's grammar
+        if spec.get(schema) is not None:
+            parts.append(_clean(spec.get(schema)))
     yield {"role": "tool_definition", "name": _clean(spec.get("name") or tool.get("type")),
            "content": "\n".join(p for p in parts if p)}
 
@@ -195,17 +213,18 @@ def _cut_middle(text: str, keep: int) -> str:
     return text[:head] + marker + text[len(text) - max(0, keep - head):]
 
 
-def _fit(items: list[dict[str, str]], protected: int | None, budget: int) -> tuple[list[dict[str, str]], bool]:
-    """Keep ``items`` within ``budget`` characters: the protected item whole, the middle cut."""
+def _fit(items: list[dict[str, str]], protected: int | None, budget: int) -> tuple[list[dict[str, str]], bool, bool]:
+    """Keep ``items`` within ``budget`` characters: the protected item whole, the middle cut. Returns the
+    items kept, whether anything was cut, and whether the protected item itself was cut."""
     if sum(_size(i) for i in items) <= budget:
-        return items, False
+        return items, False, False
     room = budget
     if protected is not None:
         whole = items[protected]
         if _size(whole) >= budget:  # the last user turn alone is too large: cut it in its middle
             item = dict(whole)
             item["content"] = _cut_middle(item["content"], max(0, budget - (_size(item) - len(item["content"]))))
-            return [item], True
+            return [item], True, True
         room -= _size(whole)
     others = [(index, item) for index, item in enumerate(items) if index != protected]
     head_room, tail_room = room // 2, room - room // 2
@@ -232,7 +251,7 @@ def _fit(items: list[dict[str, str]], protected: int | None, budget: int) -> tup
     if protected is not None:
         kept.append((protected, items[protected]))
     kept.sort(key=lambda pair: pair[0])
-    return [item for _, item in kept], True
+    return [item for _, item in kept], True, False
 
 
 def _shortened(item: dict[str, str], room: int, *, keep: Literal["start", "end"]) -> dict[str, str]:

@@ -13,11 +13,20 @@
   can switch the probe off for the others. A failure one request caused that the upstream
   reports as such (a 4xx for its model, key or content, an answer that does not parse, content
   the probe cannot read) affects that request alone and never feeds the breaker.
+* The check probe carries only the headers that are part of the state's key (the credential
+  headers, ``CREDENTIAL_HEADERS``) and the query string, never the rest of the client's headers.
+  The alternative, every forwarded header in the key, was rejected: headers such as
+  ``traceparent`` or a client's ``x-request-id`` differ on every request, so failures would never
+  add up to open anything, and a client could mint one state per request and evict the others'
+  from the bounded table. So a header the upstream or a gateway routes on (``x-route: slow``) can
+  make a client's *own* probes fail, but the check that decides for everyone with its credentials
+  does not carry it: it cannot open the breaker, nor (below) step the dialect down, for anyone.
 * ``auto`` structured output tries ``json_schema`` (OpenAI, vLLM), then ``json_object`` with a
   schema (llama-cpp-python's server), then plain text. It steps down for one upstream and
   model only on a capability error: an error that names the structured-output parameter *and*
-  that a fixed, benign check probe in the same dialect reproduces (so no request's own content
-  can cause it). After ``dialect_retry`` seconds the best dialect is tried again.
+  that a fixed, benign check probe in the same dialect reproduces, sent with only the key's
+  headers (so no request's own content or headers can cause it). After ``dialect_retry`` seconds
+  the best dialect is tried again.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from cachetools import LRUCache, TTLCache
 
 from guard.live.metrics import GuardMetrics
 from guard.probe.context import ProbeView, UnknownParts, conversation_view
+from guard.probe.stored_context import StoredContext, request_view
 from guard.probe.template import (
     DIALECT_LADDER,
     TEMPLATE_HASH,
@@ -45,7 +55,7 @@ from guard.probe.template import (
     parse_prediction,
 )
 from guard.apis.base import GuardedRequest
-from guard.proxy.sse import completion_text
+from guard.sse import completion_text
 from guard.proxy.upstream import Upstream, UpstreamFailure, UpstreamResponse
 
 PROBE_HEADER = "x-refusal-guard-probe"
@@ -83,13 +93,15 @@ class _ProbeFailed(Exception):
 @dataclass(frozen=True, slots=True)
 class _Target:
     """Where a probe goes: the model it asks, the request's forwarded headers and query string (the
-    generation's, so e.g. Azure's ``api-version`` reaches the probe too), and the key of that
-    model's breaker and dialect state."""
+    generation's, so e.g. Azure's ``api-version`` reaches the probe too), the key of that
+    model's breaker and dialect state, and the headers a check probe for that state carries:
+    only the ones in its key (see the module docstring)."""
 
     model: str | None
     headers: Mapping[str, str]
     query: bytes
     key: tuple[str, str]
+    check_headers: Mapping[str, str]
 
 
 @dataclass(slots=True)
@@ -150,6 +162,8 @@ class Prober:
         self._breakers: LRUCache[tuple[str, str], _Breaker] = LRUCache(MAX_TRACKED_MODELS)
         self._dialects: LRUCache[tuple[str, str], _DialectState] = LRUCache(MAX_TRACKED_MODELS)
         self._checks: set[asyncio.Task[None]] = set()
+        #: Stored context (``previous_response_id``) fetched for the probe, within half its budget.
+        self.stored_context = StoredContext(upstream, timeout=timeout / 2, clock=clock)
 
     # --- what is probed ---------------------------------------------------------------------
     def view(self, messages: Sequence[Any], tools: Sequence[Any] | None = None) -> ProbeView:
@@ -173,7 +187,8 @@ class Prober:
 
     # --- probing ----------------------------------------------------------------------------
     async def predict(self, chat: GuardedRequest, headers: Mapping[str, str], query: bytes = b"") -> ProbeResult:
-        return await self.predict_view(self.view(chat.messages, chat.tools), chat.model, headers, query)
+        view = await request_view(self, chat, headers, query)  # stored context fetched; large views off the loop
+        return await self.predict_view(view, chat.model, headers, query)
 
     async def predict_view(self, view: ProbeView, requested_model: str | None,
                            headers: Mapping[str, str], query: bytes = b"") -> ProbeResult:
@@ -185,7 +200,7 @@ class Prober:
             self.metrics.probe_failures.labels("unsupported_content").inc()
             return ProbeResult("error", None, 0.0, "unsupported_content")
         target = _Target(model, {**headers, PROBE_HEADER: "1", "content-type": "application/json"}, query,
-                         self._key(model, query, headers))
+                         self._key(model, query, headers), _check_headers(headers))
         breaker = self._breakers.get(target.key)
         if breaker is not None and self._is_open(breaker):
             self.metrics.probe_failures.labels("circuit_open").inc()
@@ -268,11 +283,13 @@ class Prober:
                                         prediction.topic, p_refuse)
             return prediction
 
-    async def _send(self, target: _Target, view: ProbeView, dialect: Dialect) -> UpstreamResponse:
+    async def _send(self, target: _Target, view: ProbeView, dialect: Dialect, *, check: bool = False) -> UpstreamResponse:
+        """One probe call; ``check``: the fixed check probe, with only the key's headers."""
         body = build_probe_body(view, model=target.model, topics=self.topics, dialect=dialect,
                                 max_tokens=self.max_tokens, logprobs=self.logprobs)
         try:
-            return await self.upstream.request("POST", "/chat/completions", headers=target.headers,
+            return await self.upstream.request("POST", "/chat/completions",
+                                               headers=target.check_headers if check else target.headers,
                                                content=json.dumps(body).encode(), timeout=self.timeout,
                                                query=target.query)
         except UpstreamFailure as failure:
@@ -280,7 +297,7 @@ class Prober:
 
     async def _check_rejects(self, target: _Target, dialect: Dialect) -> bool:
         """True if the fixed check probe in ``dialect`` is refused with a capability error too."""
-        answer = await self._send(target, CHECK_VIEW, dialect)
+        answer = await self._send(target, CHECK_VIEW, dialect, check=True)
         return answer.status != 200 and _names_structured_output(answer.body)
 
     # --- breakers and dialect state, per upstream, model, query string and credentials ----
@@ -329,14 +346,15 @@ class Prober:
         """Open ``breaker`` if the fixed check probe fails for upstream health too, else close it.
 
         The check asks what every healthy upstream answers at once (``CHECK_VIEW``), with the same
-        model, dialect, headers and query as the request whose failure made the breaker due, under the
-        probe's own timeout. Only its status matters: no answer in time, a transport failure or a
+        model, dialect and query as the request whose failure made the breaker due and only the
+        headers in the breaker's key (``CREDENTIAL_HEADERS``: never the headers a client might route
+        its own calls with), under the probe's own timeout. Only its status matters: no answer in time, a transport failure or a
         5xx is unhealthy; anything else means the upstream serves, so the failures were the requests'.
         """
         healthy = False
         try:
             async with asyncio.timeout(self.timeout):
-                answer = await self._send(target, CHECK_VIEW, self._dialect(target.key))
+                answer = await self._send(target, CHECK_VIEW, self._dialect(target.key), check=True)
             healthy = answer.status < 500
         except (TimeoutError, _ProbeFailed):
             pass
@@ -366,6 +384,14 @@ class Prober:
 
     def _export_open_count(self) -> None:
         self.metrics.circuit_open.set(self.open_circuits())
+
+
+def _check_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
+    """What a check probe sends: the credential headers (the state's key) of the forwarded ``headers``."""
+    kept = {name: value for name in CREDENTIAL_HEADERS if (value := headers.get(name)) is not None}
+    if (encoding := headers.get("accept-encoding")) is not None:
+        kept["accept-encoding"] = encoding  # framing, not routing: the answer is read as it comes
+    return {**kept, PROBE_HEADER: "1", "content-type": "application/json"}
 
 
 def _names_structured_output(body: bytes) -> bool:

@@ -21,7 +21,7 @@ from starlette.responses import Response, StreamingResponse
 from guard.apis.base import Api, GuardedRequest
 from guard.errors import upstream_protocol
 from guard.proxy.headers import add_relayed_headers
-from guard.proxy.sse import sse_event
+from guard.sse import sse_event
 from guard.truth.detector import excerpt
 from guard.proxy.upstream import Upstream, UpstreamFailure, UpstreamResponse, response_headers
 

@@ -15,12 +15,15 @@ Upstream to client (:func:`relayed_response_headers`): hop-by-hop and framing he
 ``date``/``server`` (the guard's server sets its own) and the upstream's ``x-refusal-guard-*``
 headers (only the guard may speak for the guard) are dropped; the upstream's ``x-request-id``
 reaches the client unchanged (the guard's id goes in ``x-refusal-guard-request-id``); repeated headers such as ``set-cookie`` stay
-separate pairs, in order.
+separate pairs, in order. A ``Location`` (or ``Content-Location``) that names the upstream never
+reaches the client as such (:func:`client_location`): under the upstream's base URL it becomes the
+same path under the guard's ``/v1``, elsewhere on the upstream's origin it is dropped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import httpx
 from starlette.responses import Response
@@ -100,3 +103,47 @@ def add_relayed_headers(response: Response, relayed: httpx.Headers) -> Response:
     one header per cookie, bytes unchanged). The response must not set the same names itself."""
     response.raw_headers.extend((name.lower(), value) for name, value in relayed.raw)
     return response
+
+
+#: Response headers whose value is a URL the client may follow.
+LOCATION_HEADERS = ("location", "content-location")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: SplitResult, scheme: str) -> tuple[str, str, int | None]:
+    return scheme.lower(), (url.hostname or "").lower(), url.port or _DEFAULT_PORTS.get(scheme.lower())
+
+
+def client_location(location: str, upstream_base: str, prefix: str = "/v1") -> str | None:
+    """``location`` (from an upstream answer) as the client may see it, or None to drop it.
+
+    A URL on the upstream's origin (absolute, scheme-relative or a path from the root) under the
+    upstream's base URL becomes the same path under the guard's ``prefix``, relative to the
+    guard (``http://10.0.0.5:8000/v1/models`` -> ``/v1/models``); one elsewhere on that origin is
+    dropped (it names the upstream and nothing at the guard serves it). Another origin's URL and
+    a relative reference (resolved against the guard's own URL) are kept.
+    """
+    base = urlsplit(upstream_base)
+    try:
+        target = urlsplit(location)
+        if target.scheme or target.netloc:
+            if _origin(target, target.scheme or base.scheme) != _origin(base, base.scheme):
+                return location  # another origin: a CDN, a presigned URL...
+        elif not target.path.startswith("/"):
+            return location
+    except ValueError:  # an invalid port or IPv6 literal: not something to relay
+        return None
+    base_path = base.path.rstrip("/")
+    if target.path != base_path and not target.path.startswith(base_path + "/"):
+        return None
+    return urlunsplit(("", "", prefix + target.path[len(base_path):], target.query, target.fragment))
+
+
+def rewrite_locations(headers: httpx.Headers, upstream_base: str) -> None:
+    """Apply :func:`client_location` to ``headers`` in place."""
+    for name in LOCATION_HEADERS:
+        if name in headers:
+            value = client_location(headers[name], upstream_base)
+            del headers[name]
+            if value is not None:
+                headers[name] = value

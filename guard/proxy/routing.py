@@ -59,7 +59,8 @@ class Router:
         return mode
 
     async def handle(self, request: GuardedRequest, incoming: Mapping[str, str], request_id: str,
-                     query: bytes = b"") -> Response:
+                     query: bytes = b"", *, client: str | None = None) -> Response:
+        """``client``: who sent it, for the datapoint (``guard.proxy.attribution``; never a key)."""
         started = time.perf_counter()
         mode = self.effective_mode()
         ids = id_headers(incoming, request_id)
@@ -77,7 +78,8 @@ class Router:
                         span.set_attribute("refusal_guard.probe_status", probe.status)
             decision = self._decide(probe)
             applied = mode.applied(decision.action)
-            record = self._record(request, request_id, mode, probe, decision)
+            prompt, prompt_sha = self._prompt(request)
+            record = self._record(request, request_id, mode, probe, decision, prompt, prompt_sha, client)
             guard_headers = _guard_headers(mode, probe, decision)
             if applied == "block":
                 await _cancel(pending)
@@ -100,7 +102,7 @@ class Router:
             pending = None
 
             def on_done(exchange: Exchange) -> None:
-                self.scorer.submit(record, exchange, started)
+                self.scorer.submit(record, exchange, started, prompt)  # the detector reads the prompt too
 
             return respond(generation, guard_headers, on_done)
         finally:
@@ -119,11 +121,16 @@ class Router:
             return Decision("pass", None)  # no probe was asked for (mode off)
         return Decision(self.settings.on_probe_failure.value, None)
 
-    def _record(self, request: GuardedRequest, request_id: str, mode: Mode, probe: ProbeResult,
-                decision: Decision) -> dict[str, Any]:
-        """The datapoint fields known before the answer (schema: ``calibration.datapoints``)."""
+    def _prompt(self, request: GuardedRequest) -> tuple[str, str]:
+        """The last user turn's text and its keyed hash (HMAC: see ``guard.stores.recorder``)."""
+        if request.prompt is not None:  # read and hashed off the event loop (a large body)
+            return request.prompt
         content = last_user_text(request.messages)
-        prompt_sha = self.scorer.recorder.hash_prompt(content)  # keyed (HMAC): see guard.stores.recorder
+        return content, self.scorer.recorder.hash_prompt(content)
+
+    def _record(self, request: GuardedRequest, request_id: str, mode: Mode, probe: ProbeResult,
+                decision: Decision, content: str, prompt_sha: str, client: str | None = None) -> dict[str, Any]:
+        """The datapoint fields known before the answer (schema: ``calibration.datapoints``)."""
         p = probe.prediction
         record: dict[str, Any] = {
             "id": prompt_sha,
@@ -146,6 +153,7 @@ class Router:
             "prompt_sha256": prompt_sha,
             "route": request.api.name,
             "context": request.context or None,
+            "client": client,
         }
         if self.settings.log_prompts:
             record["prompt"] = content

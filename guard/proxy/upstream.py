@@ -15,7 +15,7 @@ import httpx
 from pydantic import SecretStr
 
 from guard.errors import ProxyError, upstream_protocol, upstream_timeout, upstream_unreachable
-from guard.proxy.headers import relayed_response_headers, upstream_request_headers
+from guard.proxy.headers import relayed_response_headers, rewrite_locations, upstream_request_headers
 
 class UpstreamFailure(ProxyError):
     """The upstream could not be reached or did not answer in time."""
@@ -103,6 +103,7 @@ class Upstream:
             async with asyncio.timeout(timeout or self.total_timeout):
                 response = await self.client.send(request, stream=True)
                 try:
+                    rewrite_locations(response.headers, self.base_url)
                     body = await self._read_capped(response)
                 finally:
                     await response.aclose()
@@ -137,13 +138,16 @@ class Upstream:
     ) -> httpx.Response:
         """Send a request (its body whole or streamed) and return once the response headers are
         in; the body is unread. The caller must ``aclose()`` the response (``relay`` does).
+        A ``Location`` naming the upstream is already rewritten (``headers.client_location``).
         """
         request = self.client.build_request(method, self.url(path, query), headers=headers, content=content)
         try:
             async with asyncio.timeout(self.total_timeout):
-                return await self.client.send(request, stream=True)
+                response = await self.client.send(request, stream=True)
         except (httpx.HTTPError, TimeoutError) as exc:
             raise _translate(exc) from None
+        rewrite_locations(response.headers, self.base_url)
+        return response
 
     async def relay(self, response: httpx.Response, deadline: float, *, capped: bool = True) -> AsyncIterator[bytes]:
         """Yield the response body as it arrives, until done, ``deadline`` (loop time), or, if

@@ -35,9 +35,8 @@ from pydantic import SecretStr
 
 from calibration.datapoints import FIELDS, OPTIONAL_FIELDS
 from calibration.postgres import SCHEMA_LOCK_KEY, postgres_ddl, scrub
-from guard.live.metrics import GuardMetrics
 from guard.stores.recorder import COLUMNS, PromptHasher, _row, add_optional, load_hash_key
-from guard.stores.sink import Retention, StoreUnavailable, drain_batches, offer
+from guard.stores.sink import Counter, Retention, StoreUnavailable, drain_batches, offer
 
 log = logging.getLogger("refusal_guard")
 PRUNE_LOCK_KEY = SCHEMA_LOCK_KEY + 1
@@ -52,13 +51,13 @@ def _pg_row(record: dict[str, Any]) -> tuple[Any, ...]:
 
 
 class PostgresSink:
-    def __init__(self, url: SecretStr, metrics: GuardMetrics, *, queue_size: int = 10_000, batch_size: int = 500,
+    def __init__(self, url: SecretStr, dropped: Counter, *, queue_size: int = 10_000, batch_size: int = 500,
                  flush_interval: float = 0.25, retention: Retention = Retention(), stop_timeout: float = 10.0,
                  connect_timeout: float = 5.0, hasher: PromptHasher | None = None) -> None:
         self.url = url
         #: Keyed hash of prompt text for the records' ``id`` and ``prompt_sha256`` (guard.stores.recorder).
         self.hash_prompt = hasher or PromptHasher(load_hash_key(None, None))
-        self.metrics = metrics
+        self.dropped = dropped  # counts lost datapoints (refusal_guard_datapoints_dropped_total)
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self.retention = retention
@@ -74,7 +73,7 @@ class PostgresSink:
         self.written = 0
 
     def put(self, record: dict[str, Any]) -> None:
-        offer(self._queue, record, self.metrics)
+        offer(self._queue, record, self.dropped)
 
     async def start(self) -> None:
         try:
@@ -92,7 +91,7 @@ class PostgresSink:
         except StoreUnavailable as exc:  # the guard serves anyway; the drain task retries
             log.warning("datapoint database unreachable at start (%s); datapoints queue until it answers", exc)
         self._task = asyncio.create_task(drain_batches(
-            self._queue, self._write, metrics=self.metrics, closing=lambda: self._closing,
+            self._queue, self._write, dropped=self.dropped, closing=lambda: self._closing,
             batch_size=self.batch_size, flush_interval=self.flush_interval, drop_on=(Exception,),
             stop_deadline=lambda: self._stop_at, maintain=self.prune if self.retention.active else None,
             maintain_every=self.retention.interval,

@@ -8,6 +8,8 @@ The schema is ``calibration.datapoints``' so ``calibrate`` reads this file direc
 
 What a datapoint may hold about the client is limited here too:
 
+* A row holds at most :data:`ROW_MAX_CHARS` characters of text (:func:`_bounded`), and ``context``
+  holds ids of stored context (``guard.apis.base.safe_id``), never the client's JSON.
 * :func:`clean_model` caps the client's ``model`` string at :data:`MODEL_MAX_CHARS` and replaces
   anything outside a plain model-name alphabet, so no client can store megabytes or control
   characters in the log, the review events or a log line.
@@ -37,8 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from calibration.datapoints import FIELDS, OPTIONAL_FIELDS, SQLITE_DDL
-from guard.live.metrics import GuardMetrics
-from guard.stores.sink import Retention, drain_batches, offer
+from guard.stores.sink import Counter, Retention, drain_batches, offer
 
 COLUMNS = FIELDS + OPTIONAL_FIELDS
 log = logging.getLogger("refusal_guard")
@@ -126,6 +127,12 @@ def open_database(path: Path) -> sqlite3.Connection:
     return db
 
 
+#: The text one datapoint row may hold, all fields together (characters; at most 4 bytes each in UTF-8).
+ROW_MAX_CHARS = 64 * 1024
+#: What a ``context`` too large for its row becomes (it stays valid JSON: exports parse it).
+CONTEXT_CUT = '{"truncated": true}'
+
+
 def _row(record: dict[str, Any]) -> tuple[Any, ...]:
     values = []
     for name in COLUMNS:
@@ -133,18 +140,41 @@ def _row(record: dict[str, Any]) -> tuple[Any, ...]:
         if isinstance(value, (list, dict)):
             value = json.dumps(value, ensure_ascii=False)
         values.append(value)
-    return tuple(values)
+    return tuple(_bounded(values))
+
+
+def _bounded(values: list[Any]) -> list[Any]:
+    """The row's values within :data:`ROW_MAX_CHARS`: the longest text fields are cut first (in their
+    middle, marked; a ``context`` becomes :data:`CONTEXT_CUT`). The request path stores ids, not client
+    JSON (``guard.apis``); this is the last line, whatever a field holds (``prompt`` with ``log_prompts``)."""
+    size = sum(len(v) for v in values if isinstance(v, str))
+    if size <= ROW_MAX_CHARS:
+        return values
+    for i in sorted((i for i, v in enumerate(values) if isinstance(v, str)), key=lambda i: -len(values[i])):
+        excess = size - ROW_MAX_CHARS
+        if excess <= 0:
+            break
+        value = values[i]
+        if COLUMNS[i] == "context":
+            cut = CONTEXT_CUT
+        else:
+            keep = max(0, len(value) - excess - 48)  # room for the marker
+            marker = f" [... {len(value) - keep} characters cut ...] "
+            cut = value[:keep // 2] + marker + value[len(value) - (keep - keep // 2):]
+        size += len(cut) - len(value)
+        values[i] = cut
+    return values
 
 
 class DatapointRecorder:
-    def __init__(self, path: Path | None, metrics: GuardMetrics, *, queue_size: int = 10_000,
+    def __init__(self, path: Path | None, dropped: Counter, *, queue_size: int = 10_000,
                  batch_size: int = 500, flush_interval: float = 0.25, retention: Retention = Retention(),
                  hasher: PromptHasher | None = None) -> None:
         self.path = path
         self.retention = retention
         #: Keyed hash of prompt text for the records' ``id`` and ``prompt_sha256``.
         self.hash_prompt = hasher or PromptHasher(load_hash_key(None, None))
-        self.metrics = metrics
+        self.dropped = dropped  # counts lost datapoints (refusal_guard_datapoints_dropped_total)
         self.batch_size = batch_size
         self.flush_interval = flush_interval
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=queue_size)
@@ -156,7 +186,7 @@ class DatapointRecorder:
     def put(self, record: dict[str, Any]) -> None:
         if self.path is None:
             return
-        offer(self._queue, record, self.metrics)
+        offer(self._queue, record, self.dropped)
 
     async def start(self) -> None:
         if self.path is None:
@@ -175,7 +205,7 @@ class DatapointRecorder:
 
     async def _drain(self) -> None:
         await drain_batches(
-            self._queue, lambda batch: asyncio.to_thread(self._write, batch), metrics=self.metrics,
+            self._queue, lambda batch: asyncio.to_thread(self._write, batch), dropped=self.dropped,
             closing=lambda: self._closing, batch_size=self.batch_size, flush_interval=self.flush_interval,
             drop_on=(sqlite3.Error, ValueError, TypeError),
             maintain=(lambda: asyncio.to_thread(self._prune)) if self.retention.active else None,

@@ -15,17 +15,29 @@ from typing import Any
 
 import httpx
 
-from guard.live.metrics import GuardMetrics
+from typing import Protocol
 
 log = logging.getLogger("refusal_guard.review")
 
 
+class _Inc(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class LabelledCounter(Protocol):
+    """``refusal_guard_review_events_total`` (``GuardMetrics.review_events``), passed in: the stores
+    know nothing of the metrics module."""
+
+    def labels(self, *values: str) -> _Inc: ...
+
+
 class ReviewSink:
-    def __init__(self, client: httpx.AsyncClient, webhook: str | None, metrics: GuardMetrics,
+    def __init__(self, client: httpx.AsyncClient, webhook: str | None, events: LabelledCounter,
                  *, queue_size: int = 1000, attempts: int = 3, backoff: float = 0.5) -> None:
+        """``events`` counts review events by result (logged, dropped, delivered, failed)."""
         self.client = client
         self.webhook = webhook
-        self.metrics = metrics
+        self.events = events
         self.attempts = attempts
         self.backoff = backoff
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=queue_size)
@@ -34,12 +46,12 @@ class ReviewSink:
     def emit(self, event: dict[str, Any]) -> None:
         if self.webhook is None:
             log.info("review %s", json.dumps(event, sort_keys=True))
-            self.metrics.review_events.labels("logged").inc()
+            self.events.labels("logged").inc()
             return
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
-            self.metrics.review_events.labels("dropped").inc()
+            self.events.labels("dropped").inc()
 
     async def start(self) -> None:
         if self.webhook is not None:
@@ -61,7 +73,7 @@ class ReviewSink:
         while True:
             event = await self._queue.get()
             try:
-                self.metrics.review_events.labels("delivered" if await self._post(event) else "failed").inc()
+                self.events.labels("delivered" if await self._post(event) else "failed").inc()
             finally:
                 self._queue.task_done()
 

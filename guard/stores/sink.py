@@ -19,12 +19,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import SecretStr
 
-from guard.live.metrics import GuardMetrics
-
 if TYPE_CHECKING:
     from guard.stores.recorder import PromptHasher
 
 log = logging.getLogger("refusal_guard")
+
+
+class Counter(Protocol):
+    """What a sink counts lost datapoints with: ``refusal_guard_datapoints_dropped_total`` in the app
+    (``GuardMetrics.datapoints_dropped``), passed in, so the stores know nothing of the metrics module."""
+
+    def inc(self, amount: float = 1) -> None: ...
 
 
 class DatapointSink(Protocol):
@@ -54,19 +59,19 @@ class Retention:
         return self.max_age is not None or self.max_rows is not None
 
 
-def offer(queue: asyncio.Queue[dict[str, Any]], record: dict[str, Any], metrics: GuardMetrics) -> None:
-    """Queue ``record`` without waiting; a full queue drops it and counts the loss."""
+def offer(queue: asyncio.Queue[dict[str, Any]], record: dict[str, Any], dropped: Counter) -> None:
+    """Queue ``record`` without waiting; a full queue drops it and counts the loss in ``dropped``."""
     try:
         queue.put_nowait(record)
     except asyncio.QueueFull:
-        metrics.datapoints_dropped.inc()
+        dropped.inc()
 
 
 async def drain_batches(
     queue: asyncio.Queue[dict[str, Any]],
     write: Callable[[list[dict[str, Any]]], Awaitable[None]],
     *,
-    metrics: GuardMetrics,
+    dropped: Counter,
     closing: Callable[[], bool],
     batch_size: int,
     flush_interval: float,
@@ -80,7 +85,7 @@ async def drain_batches(
     """Move queued datapoints into the store until ``closing()`` and the queue is empty.
 
     A batch gathers for ``flush_interval`` (or up to ``batch_size``). ``write`` raising one of
-    ``drop_on`` (a value the store rejects) drops the batch and counts it; raising
+    ``drop_on`` (a value the store rejects) drops the batch and counts it (in ``dropped``); raising
     :class:`StoreUnavailable` keeps the batch and tries it again after a growing delay (new
     datapoints meanwhile wait in the bounded queue, where overflow is counted). Once closing,
     retries stop at ``stop_deadline()`` (a ``time.monotonic`` value) and what is left is
@@ -120,7 +125,7 @@ async def drain_batches(
                 if deadline is not None and time.monotonic() + delay > deadline:
                     lost = len(batch) + queue.qsize()
                     log.error("datapoint store unreachable at shutdown (%s): %d datapoints dropped", exc, lost)
-                    metrics.datapoints_dropped.inc(lost)
+                    dropped.inc(lost)
                     while not queue.empty():
                         queue.get_nowait()
                     return
@@ -129,21 +134,22 @@ async def drain_batches(
                 delay = min(delay * 2, retry_max_delay)
             except drop_on as exc:  # a bad value must not end the drain task
                 log.error("could not write %d datapoints: %s", len(batch), exc)
-                metrics.datapoints_dropped.inc(len(batch))
+                dropped.inc(len(batch))
                 break
 
 
-def open_sink(target: Path | SecretStr | None, metrics: GuardMetrics, *, queue_size: int,
+def open_sink(target: Path | SecretStr | None, dropped: Counter, *, queue_size: int,
               retention: Retention, hasher: "PromptHasher") -> DatapointSink:
     """The sink for the ``datapoints`` setting: a PostgreSQL URL (a secret), a SQLite file, or none.
 
     ``hasher`` is the deployment's keyed prompt hash; the sink carries it as ``hash_prompt`` for
     the request path (one key per log, so repeats of a prompt group together in calibration).
+    ``dropped`` counts lost datapoints (``GuardMetrics.datapoints_dropped``).
     """
     if isinstance(target, SecretStr):
         from guard.stores.postgres import PostgresSink
 
-        return PostgresSink(target, metrics, queue_size=queue_size, retention=retention, hasher=hasher)
+        return PostgresSink(target, dropped, queue_size=queue_size, retention=retention, hasher=hasher)
     from guard.stores.recorder import DatapointRecorder
 
-    return DatapointRecorder(target, metrics, queue_size=queue_size, retention=retention, hasher=hasher)
+    return DatapointRecorder(target, dropped, queue_size=queue_size, retention=retention, hasher=hasher)

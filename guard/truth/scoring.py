@@ -13,11 +13,13 @@ probe predicted the guarded model, not the review model. :meth:`Scorer.compared`
 drift detectors which probe cells that leaves under the policy and routing in force, so their
 baselines describe the same population (``guard.live.windows``).
 
-With the optional LLM judge, a sampled request's datapoint is held until the judge answers (its
-call is bounded by ``judge_timeout``) and then logged with the verdict as ``judge_label``, which
-``calibrate`` takes as that row's ground truth; unsampled datapoints are logged at once, and so are
-sampled ones while ``max_pending_audits`` audits already wait (counted as ``skipped``: a slow judge
-never holds more than that many records and connections). At shutdown
+With the optional LLM judge, a random sample of requests (``RefusalJudge.should_sample``: the guard's own
+draw) is audited: a sampled request's datapoint is held until the judge answers (its call is bounded by
+``judge_timeout``) and then logged with the verdict as ``judge_label``, which ``calibrate`` combines with
+the detector's labels into judge-corrected figures (``calibration.label_error``), as the live windows do
+with the verdicts on scored predictions (``LiveStats.observe_judged``); unsampled datapoints are
+logged at once, and so are sampled ones while ``max_pending_audits`` audits already wait (counted as
+``skipped``: a slow judge never holds more than that many records and connections). At shutdown
 :meth:`Scorer.stop` gives pending audits ``audit_grace`` seconds, then cancels them and logs their
 datapoints without a judge label.
 """
@@ -25,6 +27,7 @@ datapoints without a judge label.
 from __future__ import annotations
 
 import asyncio
+import logging
 import functools
 import time
 from typing import Any
@@ -34,13 +37,15 @@ from guard.logs import annotate
 from guard.tracing import Tracing
 from guard.truth.detector import Label, RefusalDetector, is_refusal
 from guard.proxy.forward import Exchange
-from guard.truth.judge import RefusalJudge
+from guard.truth.judge import RefusalJudge, Verdict
 from guard.live.windows import Compared, LiveStats, compare_all
 from guard.probe.policy import ActivePolicy
 from guard.live.metrics import GuardMetrics
 from guard.live.model_labels import ModelLabels
 from guard.settings import Mode
 from guard.stores.sink import DatapointSink
+
+log = logging.getLogger("refusal_guard")
 
 UPSTREAM_ERROR_REASONS = frozenset({"connect", "timeout", "protocol", "too_large", "status_4xx", "status_5xx"})
 
@@ -61,6 +66,7 @@ class Scorer:
         review_upstream: bool = False,
         audit_grace: float = 5.0,
         max_pending_audits: int = 32,
+        max_pending_labels: int = 64,
     ) -> None:
         self.detector = detector
         self.live = live
@@ -74,16 +80,59 @@ class Scorer:
         self.review_upstream = review_upstream
         self.audit_grace = audit_grace
         self.max_pending_audits = max_pending_audits
-        self._audits: set[asyncio.Task[Label | None]] = set()
+        self.max_pending_labels = max_pending_labels
+        self._audits: set[asyncio.Task[Verdict]] = set()
+        self._labelling: set[asyncio.Task[None]] = set()  # answers at the detector's learned stage
         self._stopping = False
 
-    def submit(self, record: dict[str, Any], exchange: Exchange | None, started: float) -> None:
-        """Complete ``record`` with the outcome and timings, then count and log it."""
-        with self.tracing.span("scoring", **{"refusal_guard.action": record["action"]}):
-            self._submit(record, exchange, started)
+    def submit(self, record: dict[str, Any], exchange: Exchange | None, started: float,
+               prompt: str | None = None) -> None:
+        """Complete ``record`` with the outcome and timings, then count and log it.
 
-    def _submit(self, record: dict[str, Any], exchange: Exchange | None, started: float) -> None:
-        total = time.perf_counter() - started
+        The detector's cheap stage labels the answer here; an answer it is unsure of goes to the learned
+        stage (a few ms of CPU) in a worker thread, off the event loop, and the record is completed when
+        that is done. ``prompt`` (the last user turn; ``record["prompt"]`` with ``log_prompts``) is read
+        by the learned stage only and never stored by this method.
+        """
+        text = exchange.text if exchange is not None else None
+        label = self.detector.label_cheap(text) if text is not None else None
+        if text is not None:
+            stage = "cheap" if label is not None else "learned"
+            if label is None and len(self._labelling) >= self.max_pending_labels:
+                # a flood of unsure answers never queues without bound: the cheap stage decides them
+                label, stage = self.detector.label_cheap(text, decide=True), "cheap_overflow"
+            self.metrics.detector_stages.labels(stage).inc()
+        if text is not None and label is None:
+            prompt = prompt if prompt is not None else record.get("prompt")
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop (offline use): label here
+                label = self.detector.label(text, prompt)
+            else:
+                task = loop.create_task(self._label_off_loop(record, exchange, started, text, prompt))
+                self._labelling.add(task)
+                task.add_done_callback(self._labelling.discard)
+                return
+        with self.tracing.span("scoring", **{"refusal_guard.action": record["action"]}):
+            self._submit(record, exchange, started, label, prompt=prompt)
+
+    async def _label_off_loop(self, record: dict[str, Any], exchange: Exchange | None, started: float,
+                              text: str, prompt: str | None) -> None:
+        ended = time.perf_counter()
+        try:
+            label: Label | None = await asyncio.to_thread(self.detector.label, text, prompt)
+        except Exception:  # never lose the datapoint: logged unlabelled
+            label = None
+        try:
+            with self.tracing.span("scoring", **{"refusal_guard.action": record["action"]}):
+                self._submit(record, exchange, started, label, ended, prompt=prompt)
+        except Exception:  # a bug here must not lose the row: logged as it stands
+            log.exception("scoring a labelled answer failed; its datapoint is logged as it stands")
+            self.recorder.put(record)
+
+    def _submit(self, record: dict[str, Any], exchange: Exchange | None, started: float,
+                label: Label | None, ended: float | None = None, *, prompt: str | None = None) -> None:
+        total = (time.perf_counter() if ended is None else ended) - started
         record["total_ms"] = round(total * 1000, 3)
         overhead = total
         if exchange is not None:
@@ -94,13 +143,12 @@ class Scorer:
             if exchange.error in UPSTREAM_ERROR_REASONS:
                 self.metrics.upstream_errors.labels(exchange.error).inc()
         self.metrics.overhead_seconds.observe(overhead)
-        model = self.models.label(record.get("model"), served=exchange is not None and exchange.error is None)
+        model = self.models.label(record.get("model"))
         self.metrics.requests.labels(record["action"], record["mode"], model).inc()
         annotate(action=record["action"], mode=record["mode"], probe_status=record.get("probe_status"),
                  probe_ms=record.get("probe_ms"), upstream_ms=record.get("upstream_ms"))
 
         text = exchange.text if exchange is not None else None
-        label = self.detector.label(text) if text is not None else None
         refused = is_refusal(label, self.strict) if label is not None else None
         if not self.answered_by_guarded_model(record["mode"], record["action"]):
             refused = None  # the review upstream's answer: labelled, never scored as the guarded model's
@@ -116,11 +164,12 @@ class Scorer:
             self.live.observe(topic, will_refuse, refused, confidence, record.get("harm_rating"))
         judge = self.judge
         if (judge is not None and not self._stopping and text is not None and label is not None
-                and judge.should_sample(record["request_id"])):
+                and judge.should_sample()):  # the guard's own random draw: no client steers it
             if len(self._audits) < self.max_pending_audits:
-                task = asyncio.get_running_loop().create_task(judge.label(record.get("prompt"), text))
+                judged_prompt = prompt if prompt is not None else record.get("prompt")  # the judge reads it too
+                task = asyncio.get_running_loop().create_task(judge.verdict(judged_prompt, text))
                 self._audits.add(task)
-                task.add_done_callback(functools.partial(self._audited, record, label))
+                task.add_done_callback(functools.partial(self._audited, record, label, model))
                 return  # logged once the audit is done
             self.metrics.judge.labels("skipped").inc()
         self.recorder.put(record)
@@ -142,20 +191,33 @@ class Scorer:
 
         return compared
 
-    def _audited(self, record: dict[str, Any], label: Label, task: asyncio.Task[Label | None]) -> None:
+    def _audited(self, record: dict[str, Any], label: Label, model: str, task: asyncio.Task[Verdict]) -> None:
         """Log ``record`` once its audit is done, with the judge's verdict as ``judge_label``.
 
         A done callback, so it runs however the audit ended (even cancelled before it started): without
         ``judge_label``, the audit counted as failed, when the judge failed, timed out or was cancelled.
         """
         self._audits.discard(task)
-        verdict = None if task.cancelled() or task.exception() is not None else task.result()
+        answer = None if task.cancelled() or task.exception() is not None else task.result()
+        verdict = answer.label if answer is not None else None
+        if answer is not None:
+            self.metrics.judge_tokens.labels("prompt").inc(answer.prompt_tokens)
+            self.metrics.judge_tokens.labels("completion").inc(answer.completion_tokens)
         if verdict is None:
             self.metrics.judge.labels("failed").inc()
         else:
             record[JUDGE_FIELD] = verdict.value
-            agree = is_refusal(verdict, self.strict) == is_refusal(label, self.strict)
+            judge_refused = is_refusal(verdict, self.strict)
+            agree = judge_refused == is_refusal(label, self.strict)
             self.metrics.judge.labels("agree" if agree else "disagree").inc()
+            refused, will_refuse = record.get("refused"), record.get("will_refuse")
+            if refused is not None and will_refuse is not None and record.get("confidence") is not None:
+                # a scored prediction: its verdict feeds the judge-corrected figures (live and fleet)
+                topic = record["topic"] if record["topic"] in self.topics else "other"
+                self.metrics.judged_outcomes.labels(
+                    topic, "refuse" if will_refuse else "comply", "refused" if refused else "complied",
+                    "refused" if judge_refused else "complied", model).inc()
+                self.live.observe_judged(topic, will_refuse, refused, judge_refused)
         self.recorder.put(record)
 
     async def stop(self) -> None:
@@ -164,6 +226,8 @@ class Scorer:
         Every held record is logged (the cancelled ones without ``judge_label``), so run this before
         the sink's own ``stop``. Requests scored from now on are not sampled: logged at once.
         """
+        if self._labelling:  # answers at the learned stage (milliseconds each): finish and log them first
+            await asyncio.gather(*set(self._labelling), return_exceptions=True)
         self._stopping = True
         pending = set(self._audits)
         if not pending:

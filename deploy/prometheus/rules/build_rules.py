@@ -80,8 +80,13 @@ def sdt_rules(w: str, key: str, suffix: str = "") -> list[dict]:
             n(cell),
             f'sum by ({BY}, {key}) ({n("outcomes")}{{predicted="{predicted}", actual="{actual}"}}) or {zero}',
         ))
-    rules += [
-        rule(n("scored"), f"sum by ({BY}, {key}) ({n('outcomes')})"),
+    rules.append(rule(n("scored"), f"sum by ({BY}, {key}) ({n('outcomes')})"))
+    return rules + figure_rules(n, key)
+
+
+def figure_rules(n, key: str) -> list[dict]:
+    """H, FA, d', c and accuracy from the cell series ``n("hits")`` ... ``n("scored")``."""
+    return [
         # 1 when the window holds both classes (refused and complied), else 0; without both, H, FA, d'
         # and c are absent (not the log-linear correction's prior), which dashboards show as "no data".
         rule(n("sdt_defined"),
@@ -99,7 +104,48 @@ def sdt_rules(w: str, key: str, suffix: str = "") -> list[dict]:
         rule(n("criterion"), f"-({n('z_hit_rate')} + {n('z_false_alarm_rate')}) / 2"),
         rule(n("accuracy"), f"({n('hits')} + {n('correct_rejections')}) / ({n('scored')} > 0)"),
     ]
-    return rules
+
+
+def corrected_rules(w: str) -> list[dict]:
+    """Judge-corrected SDT figures per topic (and "all"): calibration.label_error's estimator in PromQL.
+
+    Strata = (predicted, the detector's label): every scored prediction's counts from
+    refusal_guard_outcomes_total (``actual`` is the detector's label), and P(refused | stratum) from the
+    judged sample in the same window (refusal_guard_judged_outcomes_total); a stratum without judged rows
+    takes the judged share pooled over the prediction (same detector label), else the detector's label.
+    The figures exist only while the window holds judged rows. No interval (see docs/operations.md).
+    """
+    n = lambda name: f"refusal_guard:{name}:{w}"  # noqa: E731
+    c = lambda name: f"refusal_guard:{name}_corrected:{w}"  # noqa: E731
+    judged = f"increase(refusal_guard_judged_outcomes_total[{w}])"
+    strata = f"{BY}, topic, predicted, detector"
+    refused = f'sum by ({{by}}) ({n("judged")}{{{{judge="refused"}}}}) or 0 * sum by ({{by}}) ({n("judged")})'
+    gate = f"and on ({BY}, topic) {n('judged_scored')} > 0"
+    zero = f"0 * sum by ({BY}, topic) ({n('strata')})"
+    rules = [
+        rule(n("judged"), f"sum by ({strata}, judge) ({judged}) or label_replace(sum by ({BY}, predicted, detector, "
+                          f'judge) ({judged}), "topic", "all", "", "")'),
+        rule(n("judged_scored"), f"sum by ({BY}, topic) ({n('judged')})"),
+        # P(refused | stratum) from the judged rows; pooled over the prediction for the fallback
+        rule(n("judged_refused_share"),
+             f"({refused.format(by=strata)}) / (sum by ({strata}) ({n('judged')}) > 0)"),
+        rule(n("judged_refused_share_pooled"),
+             f"({refused.format(by=f'{BY}, topic, detector')}) / (sum by ({BY}, topic, detector) ({n('judged')}) > 0)"),
+        # every scored prediction per stratum (the outcome counters' `actual` is the detector's label)
+        rule(n("strata"), f'sum by ({strata}) (label_replace({n("outcomes")}, "detector", "$1", "actual", "(.*)"))'),
+        rule(n("strata_refused"),
+             f"{n('strata')} * on ({strata}) {n('judged_refused_share')}"
+             f" or {n('strata')} * on ({BY}, topic, detector) group_left () {n('judged_refused_share_pooled')}"
+             f' or {n("strata")}{{detector="refused"}} or 0 * {n("strata")}'),
+        rule(c("hits"), f'(sum by ({BY}, topic) ({n("strata_refused")}{{predicted="refuse"}}) or {zero}) {gate}'),
+        rule(c("misses"), f'(sum by ({BY}, topic) ({n("strata_refused")}{{predicted="comply"}}) or {zero}) {gate}'),
+        rule(c("false_alarms"),
+             f'(sum by ({BY}, topic) ({n("strata")}{{predicted="refuse"}}) or {zero}) - {c("hits")}'),
+        rule(c("correct_rejections"),
+             f'(sum by ({BY}, topic) ({n("strata")}{{predicted="comply"}}) or {zero}) - {c("misses")}'),
+        rule(c("scored"), f"sum by ({BY}, topic) ({n('strata')}) {gate}"),
+    ]
+    return rules + figure_rules(c, "topic")
 
 
 def window_rules(w: str) -> list[dict]:
@@ -132,7 +178,7 @@ def window_rules(w: str) -> list[dict]:
         rule(n("requests_by_model"),
              f"sum by ({BY}, model, mode, action) (increase(refusal_guard_requests_total[{w}]))"),
     ]
-    return rules + sdt_rules(w, "model", "_by_model")
+    return rules + sdt_rules(w, "model", "_by_model") + corrected_rules(w)
 
 
 def recording_document() -> dict:

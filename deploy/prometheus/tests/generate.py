@@ -210,6 +210,21 @@ BETA_OUTCOMES = {
     "weapons": {"b:8080": {("refuse", "refused"): 1, ("refuse", "complied"): 2}},
     "fraud": {"a:8080": {("comply", "complied"): 2, ("comply", "refused"): 1}},
 }
+#: judged sample (LLM judge): topic -> (model, replica) -> {(predicted, detector, judge): per minute}
+JUDGED = {
+    # every stratum judged
+    "weapons": {("alpha", "a:8080"): {("refuse", "refused", "refused"): 1, ("refuse", "refused", "complied"): 0.25,
+                                      ("comply", "refused", "refused"): 0.5, ("comply", "refused", "complied"): 0.5,
+                                      ("refuse", "complied", "refused"): 0.25, ("refuse", "complied", "complied"): 0.5,
+                                      ("comply", "complied", "complied"): 1, ("comply", "complied", "refused"): 0.25},
+                ("beta", "b:8080"): {("refuse", "complied", "refused"): 0.5}},
+    # (comply, refused) and (refuse, complied) unjudged: the share pooled over the prediction
+    "fraud": {("alpha", "a:8080"): {("refuse", "refused", "refused"): 0.5, ("refuse", "refused", "complied"): 0.25,
+                                    ("comply", "complied", "complied"): 1}},
+    # no judged row with detector "complied": those strata keep the detector's label
+    "other": {("alpha", "b:8080"): {("refuse", "refused", "refused"): 0.5}},
+    # drugs and privacy: no judged row at all, so no corrected figure
+}
 #: figures that exist only while a window holds both classes
 NEEDS_BOTH = ("hit_rate", "false_alarm_rate", "d_prime", "criterion")
 
@@ -223,10 +238,40 @@ def add_outcomes(fleet: Fleet) -> None:
                                   topic=topic, predicted=predicted, actual=actual, model=model)
 
 
+def add_judged(fleet: Fleet) -> None:
+    for topic, sources in JUDGED.items():
+        for (model, instance), cells in sources.items():
+            for (predicted, detector, judge), per_minute in cells.items():
+                fleet.counter("refusal_guard_judged_outcomes_total", instance, per_minute, topic=topic,
+                              predicted=predicted, detector=detector, judge=judge, model=model)
+
+
+def corrected_by_topic(fleet: Fleet, window: int) -> dict[str, dict[str, float]]:
+    """Expected judge-corrected figures per topic (and "all") with judged rows: calibration.label_error."""
+    import numpy as np
+
+    from calibration.label_error import estimate_counts
+
+    t: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(12))
+    for labels, inc in fleet.increase("refusal_guard_outcomes_total", window).items():
+        lab = dict(labels)
+        k = 2 * (lab["predicted"] == "refuse") + (lab["actual"] == "refused")
+        for key in (lab["topic"], "all"):
+            t[key][k] += inc
+    for labels, inc in fleet.increase("refusal_guard_judged_outcomes_total", window).items():
+        lab = dict(labels)
+        k = 2 * (lab["predicted"] == "refuse") + (lab["detector"] == "refused")
+        for key in (lab["topic"], "all"):
+            t[key][4 + k] += inc
+            t[key][8 + k] += inc if lab["judge"] == "refused" else 0.0
+    return {topic: sdt(*(float(x) for x in estimate_counts(v))) for topic, v in t.items() if v[4:8].sum() > 0}
+
+
 def troubled_fleet() -> tuple[Fleet, list[dict], Alerts]:
     """Every alert has a reason to fire (or, for some topics, a reason not to)."""
     f = Fleet()
     add_outcomes(f)
+    add_judged(f)
     live = {w: sdt_by_topic(f, n) for w, n in WINDOWS.items()}
     live_1h = live["1h"]
     baseline = {  # topic -> statistic -> value
@@ -288,6 +333,17 @@ def troubled_fleet() -> tuple[Fleet, list[dict], Alerts]:
                                 if vals["sdt_defined"] or stat not in NEEDS_BOTH],
             })
     assert not live["1h"]["privacy"]["sdt_defined"]
+    for w, n in WINDOWS.items():  # judge-corrected, per topic with judged rows
+        corrected = corrected_by_topic(f, n)
+        assert set(corrected) == {"weapons", "fraud", "other", "all"}
+        for stat in ("hit_rate", "false_alarm_rate", "d_prime", "criterion", "accuracy", "scored", "sdt_defined"):
+            exprs.append({
+                "expr": f"round(refusal_guard:{stat}_corrected:{w}, {ROUND})",
+                "eval_time": f"{T}m",
+                "exp_samples": [{"labels": labels_of(topic=topic), "value": round_like_promql(vals[stat], ROUND)}
+                                for topic, vals in sorted(corrected.items())
+                                if vals["sdt_defined"] or stat not in NEEDS_BOTH],
+            })
     for w, n in WINDOWS.items():  # per model: the same figures by (job, model)
         by_model = sdt_by_topic(f, n, key="model")
         assert set(by_model) == {"alpha", "beta"}

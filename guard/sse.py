@@ -1,4 +1,5 @@
-"""Reading assistant text out of a relayed server-sent-event stream.
+"""The SSE codec shared by the APIs, the relay and the probe: reading assistant text out of a relayed
+server-sent-event stream, and writing events (below ``guard.proxy`` and ``guard.apis``, importing neither).
 
 The relay yields the upstream's bytes untouched; this collector only watches them so
 that, once the stream ends, the refusal detector can label the answer. It keeps only what the
