@@ -278,3 +278,22 @@ def test_a_large_body_of_numbers_is_parsed_a_number_at_a_time_and_bounded(monkey
     with pytest.raises(ProxyError) as error:
         load_json(refused)
     assert error.value.status == 400 and b"too_many_numbers" in error.value.body()
+
+
+@pytest.mark.parametrize("strings", ["long", "short"])  # the Python scanner (long strings) and the C one
+def test_a_large_body_parses_as_json_loads_does_with_the_same_refusals(strings):
+    from guard.apis.base import DECODE_STEP, LONG_STRING_BYTES, load_json
+    from guard.errors import ProxyError
+
+    size = 4_000 if strings == "long" else 8
+    count = DECODE_STEP // size + 16
+    body = {"model": "m", "prompt": ["a\u00e9\\\"\u2028" + "x" * size for _ in range(count)], "n": 1, "t": 0.5,
+            "flags": [True, False, None], "nested": {"k": [1.5e3, -2]}}
+    raw = json.dumps(body).encode()
+    assert len(raw) > DECODE_STEP and (len(raw) >= LONG_STRING_BYTES * raw.count(b'"')) == (strings == "long")
+    assert load_json(raw) == json.loads(raw) == body
+    for bad, code in ((raw[:-1] + b', "Prompt": []}', "duplicate_key"), (raw[:-1] + b', "x": "\\ud800"}', "invalid_unicode"),
+                      (raw[:-1], "invalid_json")):
+        with pytest.raises(ProxyError) as error:
+            load_json(bad)
+        assert error.value.status == 400 and code.encode() in error.value.body()
