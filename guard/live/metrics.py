@@ -15,6 +15,8 @@ import os
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess
 
+from calibration.label_error import DETECTOR_ERROR_NOTE
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120)
 
 
@@ -108,8 +110,8 @@ class GuardMetrics:
         )
         gauge = lambda name, doc, labels: Gauge(name, doc, labels, registry=r, multiprocess_mode="mostrecent")  # noqa: E731
         absent = " Absent while the window lacks either class (see refusal_guard_window_sdt_defined)."
-        uncorrected = (" Uncorrected: the outcome is the detector's label (see refusal_guard_corrected for the "
-                       "judge-corrected figure).")
+        uncorrected = (f" Uncorrected: the outcome is the detector's label ({DETECTOR_ERROR_NOTE}; with a judge, "
+                       "refusal_guard_corrected has the judge-corrected figure).")
         self.d_prime = gauge("refusal_guard_d_prime", "Sensitivity d' over the live window." + uncorrected + absent,
                              ["topic"])
         self.criterion = gauge(
