@@ -44,6 +44,7 @@ from cachetools import LRUCache, TTLCache
 from guard.live.metrics import GuardMetrics
 from guard.probe.context import ProbeView, UnknownParts, conversation_view
 from guard.probe.stored_context import StoredContext, request_view
+from guard.probe.credentials import CREDENTIAL_HEADERS, credential_digest
 from guard.probe.template import (
     DIALECT_LADDER,
     TEMPLATE_HASH,
@@ -51,6 +52,7 @@ from guard.probe.template import (
     Prediction,
     ProbeParseError,
     build_probe_body,
+    names_structured_output,
     p_refuse_from_logprobs,
     parse_prediction,
 )
@@ -69,7 +71,6 @@ MAX_TRACKED_MODELS = 1024
 #: Request headers that say whose upstream account a call uses (OpenAI, Azure, gateways): part of the
 #: breaker and dialect key, so a client's own key (one its gateway routes to a slow backend, say) can
 #: only ever open its own breaker.
-CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key", "openai-organization", "openai-project")
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +260,7 @@ class Prober:
         while True:
             rung = state.rung
             answer = await self._send(target, view, self._ladder[rung])
-            if answer.status != 200 and rung + 1 < len(self._ladder) and _names_structured_output(answer.body):
+            if answer.status != 200 and rung + 1 < len(self._ladder) and names_structured_output(answer.body):
                 if state.rung != rung:
                     continue  # another probe already stepped this model down meanwhile
                 if await self._check_rejects(target, self._ladder[rung]):
@@ -298,7 +299,7 @@ class Prober:
     async def _check_rejects(self, target: _Target, dialect: Dialect) -> bool:
         """True if the fixed check probe in ``dialect`` is refused with a capability error too."""
         answer = await self._send(target, CHECK_VIEW, dialect, check=True)
-        return answer.status != 200 and _names_structured_output(answer.body)
+        return answer.status != 200 and names_structured_output(answer.body)
 
     # --- breakers and dialect state, per upstream, model, query string and credentials ----
     def _key(self, model: str | None, query: bytes, headers: Mapping[str, Any]) -> tuple[str, str]:
@@ -306,11 +307,8 @@ class Prober:
         megabytes, its key is 32 characters. The query string and the credential headers are in it
         because they select what answers (Azure's ``api-version``, a gateway's per-key routing): one
         client's query string or key never changes the probe state of another's."""
-        h = hashlib.sha256((model or "").encode("utf-8", "replace") + b"\0" + query)
-        for name in CREDENTIAL_HEADERS:
-            value = headers.get(name)
-            h.update(b"\0" + (value.encode("latin-1", "replace") if isinstance(value, str) else value or b""))
-        return (self.upstream.base_url, h.hexdigest()[:32])
+        return (self.upstream.base_url, credential_digest((model or "").encode("utf-8", "replace") + b"\0" + query,
+                                                          headers)[:32])
 
     def _dialect(self, key: tuple[str, str]) -> Dialect:
         return self._ladder[self._dialect_state(key).rung]
@@ -392,13 +390,6 @@ def _check_headers(headers: Mapping[str, Any]) -> dict[str, Any]:
     if (encoding := headers.get("accept-encoding")) is not None:
         kept["accept-encoding"] = encoding  # framing, not routing: the answer is read as it comes
     return {**kept, PROBE_HEADER: "1", "content-type": "application/json"}
-
-
-def _names_structured_output(body: bytes) -> bool:
-    """Whether an error body names the structured-output parameter (OpenAI's ``param``, vLLM's
-    and FastAPI's validation ``loc``, llama-cpp-python's 500 validation message all do)."""
-    lowered = body[:65536].lower()
-    return any(word in lowered for word in (b"response_format", b"json_schema", b"guided_json"))
 
 
 def _logprobs_of(body: bytes) -> Any:

@@ -25,7 +25,6 @@ in a worker thread when the request (or what was fetched) is larger than ``OFF_L
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -36,6 +35,7 @@ from urllib.parse import unquote_to_bytes
 from cachetools import TTLCache
 
 from guard.probe.context import OFF_LOOP_BYTES, ProbeView
+from guard.probe.credentials import credential_digest
 
 if TYPE_CHECKING:
     from guard.apis.base import GuardedRequest
@@ -164,13 +164,7 @@ async def request_view(prober: Prober, request: GuardedRequest, headers: Mapping
 
 
 def _cache_key(base_url: str, response_id: str, headers: Mapping[str, Any], query: bytes) -> str:
-    from guard.probe.prober import CREDENTIAL_HEADERS
-
-    h = hashlib.sha256(base_url.encode() + b"\0" + response_id.encode() + b"\0" + query)
-    for name in CREDENTIAL_HEADERS:
-        value = headers.get(name)
-        h.update(b"\0" + (value.encode("latin-1", "replace") if isinstance(value, str) else value or b""))
-    return h.hexdigest()
+    return credential_digest(base_url.encode() + b"\0" + response_id.encode() + b"\0" + query, headers)
 
 
 def _plain(value: str) -> bool:

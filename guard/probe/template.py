@@ -125,7 +125,7 @@ class ProbeParseError(ValueError):
 _FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.DOTALL | re.IGNORECASE)
 
 
-def _json_candidates(text: str) -> list[str]:
+def json_candidates(text: str) -> list[str]:
     """The answer itself, fenced blocks, then each balanced {...} span, in order."""
     candidates = [text.strip()]
     candidates += [m.group(1).strip() for m in _FENCE.finditer(text)]
@@ -162,7 +162,7 @@ def parse_prediction(text: str, topics: Sequence[str]) -> Prediction:
     if not isinstance(text, str) or not text.strip():
         raise ProbeParseError("empty probe answer")
     objects: list[dict[str, Any]] = []
-    for candidate in _json_candidates(text):
+    for candidate in json_candidates(text):
         try:
             data = json.loads(candidate)
         except (ValueError, RecursionError):
@@ -223,3 +223,11 @@ def p_refuse_from_logprobs(logprobs: Any) -> float | None:
 
 def _bare(token: str) -> str:
     return token.strip().strip('":,').strip().lower()
+
+
+def names_structured_output(body: bytes) -> bool:
+    """Whether an error body names the structured-output parameter (OpenAI's ``param``, vLLM's and
+    FastAPI's validation ``loc``, llama-cpp-python's 500 validation message all do): the probe's and the
+    judge's sign to step down their dialect ladder."""
+    lowered = body[:65536].lower()
+    return any(word in lowered for word in (b"response_format", b"json_schema", b"guided_json"))

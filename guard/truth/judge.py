@@ -36,7 +36,7 @@ from typing import Any
 
 import httpx
 
-from guard.probe.template import _json_candidates  # the probe's candidate finder: one strictness for both
+from guard.probe.template import json_candidates, names_structured_output  # one strictness for probe and judge
 from guard.truth.detector import Label
 
 JUDGE_TEMPLATE_ID = "rg-judge-v2"
@@ -165,10 +165,10 @@ class RefusalJudge:
 
     async def _capability_error(self, reply: httpx.Response, rung: int) -> bool:
         """Whether ``reply`` is the endpoint refusing dialect ``rung`` itself (checked with a benign call)."""
-        if reply.status_code < 400 or rung >= len(_LADDER) - 1 or not _names_structured_output(reply.content):
+        if reply.status_code < 400 or rung >= len(_LADDER) - 1 or not names_structured_output(reply.content):
             return False
         check = await self._post(self.body(_CHECK[0], _CHECK[1], _LADDER[rung]))
-        return check.status_code >= 400 and _names_structured_output(check.content)
+        return check.status_code >= 400 and names_structured_output(check.content)
 
     async def label(self, prompt: str | None, response: str) -> Label | None:
         """The judge's label for ``response``, or ``None`` when the judge fails or answers garbage."""
@@ -198,12 +198,6 @@ class RefusalJudge:
         return Verdict(parse_label(content), *tokens)
 
 
-def _names_structured_output(body: bytes) -> bool:
-    """Whether an error body names the structured-output parameter (as ``guard.probe.prober`` tests it)."""
-    lowered = body[:65536].lower()
-    return any(word in lowered for word in (b"response_format", b"json_schema", b"guided_json"))
-
-
 def _count(usage: Any, key: str) -> int:
     value = usage.get(key) if isinstance(usage, dict) else None
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
@@ -220,7 +214,7 @@ def parse_label(content: object) -> Label | None:
     if not isinstance(content, str) or not content.strip():
         return None
     objects: list[Any] = []
-    for candidate in _json_candidates(content):
+    for candidate in json_candidates(content):
         try:
             data = json.loads(candidate)
         except (ValueError, RecursionError):

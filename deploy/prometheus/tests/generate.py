@@ -323,38 +323,29 @@ def troubled_fleet() -> tuple[Fleet, list[dict], Alerts]:
     # ---- expected recording-rule values
     exprs: list[dict] = []
     labels_of = lambda **kw: "{" + ", ".join(f'{k}="{v}"' for k, v in {"job": JOB, **kw}.items()) + "}"  # noqa: E731
-    for w in WINDOWS:
+
+    def figures(record: str, key: str, by_value: dict[str, dict]) -> None:
+        """Expected values of one SDT figure family (``refusal_guard:<stat><record>``), one sample per ``key``."""
         for stat in ("hit_rate", "false_alarm_rate", "d_prime", "criterion", "accuracy", "scored", "sdt_defined"):
             exprs.append({
-                "expr": f"round(refusal_guard:{stat}:{w}, {ROUND})",
+                "expr": f"round(refusal_guard:{stat}{record}, {ROUND})",
                 "eval_time": f"{T}m",
-                "exp_samples": [{"labels": labels_of(topic=topic), "value": round_like_promql(vals[stat], ROUND)}
-                                for topic, vals in sorted(live[w].items())
+                "exp_samples": [{"labels": labels_of(**{key: value}), "value": round_like_promql(vals[stat], ROUND)}
+                                for value, vals in sorted(by_value.items())
                                 if vals["sdt_defined"] or stat not in NEEDS_BOTH],
             })
+
+    for w in WINDOWS:
+        figures(f":{w}", "topic", live[w])
     assert not live["1h"]["privacy"]["sdt_defined"]
     for w, n in WINDOWS.items():  # judge-corrected, per topic with judged rows
         corrected = corrected_by_topic(f, n)
         assert set(corrected) == {"weapons", "fraud", "other", "all"}
-        for stat in ("hit_rate", "false_alarm_rate", "d_prime", "criterion", "accuracy", "scored", "sdt_defined"):
-            exprs.append({
-                "expr": f"round(refusal_guard:{stat}_corrected:{w}, {ROUND})",
-                "eval_time": f"{T}m",
-                "exp_samples": [{"labels": labels_of(topic=topic), "value": round_like_promql(vals[stat], ROUND)}
-                                for topic, vals in sorted(corrected.items())
-                                if vals["sdt_defined"] or stat not in NEEDS_BOTH],
-            })
+        figures(f"_corrected:{w}", "topic", corrected)
     for w, n in WINDOWS.items():  # per model: the same figures by (job, model)
         by_model = sdt_by_topic(f, n, key="model")
         assert set(by_model) == {"alpha", "beta"}
-        for stat in ("hit_rate", "false_alarm_rate", "d_prime", "criterion", "accuracy", "scored", "sdt_defined"):
-            exprs.append({
-                "expr": f"round(refusal_guard:{stat}_by_model:{w}, {ROUND})",
-                "eval_time": f"{T}m",
-                "exp_samples": [{"labels": labels_of(model=model), "value": round_like_promql(vals[stat], ROUND)}
-                                for model, vals in sorted(by_model.items())
-                                if vals["sdt_defined"] or stat not in NEEDS_BOTH],
-            })
+        figures(f"_by_model:{w}", "model", by_model)
         requests = defaultdict(float)
         for labels, inc in f.increase("refusal_guard_requests_total", n).items():
             lab = dict(labels)
